@@ -1,0 +1,27 @@
+"""Where a trainer's token batches come from: the configured dataset, or the embedded corpus."""
+
+from __future__ import annotations
+
+from raymoe.config import Config
+
+
+def open_batches(config: Config, *, dp_rank: int = 0, dp_size: int = 1, cursor=None):
+    """A ``PackedBatches`` over ``data.path`` (or the embedded corpus) with MTP's extra tokens per sample."""
+    from raymoe.data import PackedBatches, TokenDataset, embedded_dataset
+
+    path = config.data.path or embedded_dataset()
+    dataset = TokenDataset(path)
+    if dataset.vocab_size > config.model.vocab_size:
+        raise ValueError(
+            f"dataset {str(path)!r} has vocab_size {dataset.vocab_size} > model.vocab_size {config.model.vocab_size}"
+        )
+    return PackedBatches(
+        dataset,
+        seq_len=config.data.seq_len,
+        global_batch_size=config.data.batch_size,
+        extra_tokens=1 + config.mtp.depth,
+        seed=config.data.seed,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        cursor=cursor,
+    )

@@ -1,0 +1,106 @@
+"""The single-process reference trainer: the parity oracle for every distributed layout.
+
+One step = forward/backward over ``schedule.num_microbatches`` equal micro-batches of the global batch (gradient
+accumulation; each micro-batch loss is scaled by 1/M so the gradient is that of the global-batch mean), global
+gradient-norm clipping, AdamW with warmup + cosine LR, then the auxiliary-loss-free bias update from the step's
+expert loads. The distributed runtime performs the same arithmetic split over ranks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from raymoe.config import Config
+from raymoe.model import build_model
+from raymoe.routing import update_bias
+from raymoe.train.metrics import StepMetrics, load_statistics
+from raymoe.train.optim import lr_at, make_adamw, set_lr
+
+
+class ReferenceTrainer:
+    def __init__(self, config: Config, *, batches=None, device: str = "cpu") -> None:
+        self.config = config
+        self.device = torch.device(device)
+        torch.manual_seed(config.run.seed)
+        self.model = build_model(config, device=self.device)
+        self.optimizer = make_adamw(self.model.named_parameters(), config.optim)
+        self.routing_bias_RE = self.model.routing_biases()
+        self.step_index = 0
+        self.tokens_seen = 0
+        self._batches = batches
+
+    @property
+    def batches(self):
+        if self._batches is None:
+            from raymoe.train.batches import open_batches
+
+            self._batches = open_batches(self.config)
+        return self._batches
+
+    def step(self, tokens_BL: torch.Tensor | None = None) -> dict:
+        """Run one optimizer step on ``tokens_BL`` (the global batch) or the next batch of the data."""
+        cfg = self.config
+        if tokens_BL is None:
+            tokens_BL = self.batches.next_batch()
+        start = time.perf_counter()
+        mtp_weight = cfg.mtp.weight_at(self.tokens_seen)
+        gamma = cfg.routing.gamma_at(self.tokens_seen)
+        lr = lr_at(self.step_index, cfg.optim, cfg.run.steps)
+        set_lr(self.optimizer, lr)
+
+        self.model.set_routing_biases(self.routing_bias_RE)
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = accumulate_gradients(self.model, tokens_BL.to(self.device), cfg.schedule.num_microbatches, mtp_weight)
+        grad_norm = clip_gradients(self.model.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.routing_bias_RE = update_bias(self.routing_bias_RE, sums["counts_RE"], gamma)
+
+        elapsed = time.perf_counter() - start
+        num_tokens = tokens_BL.shape[0] * (tokens_BL.shape[1] - 1 - cfg.mtp.depth)
+        self.tokens_seen += num_tokens
+        max_vio, per_layer = load_statistics(sums["counts_RE"])
+        record = StepMetrics(
+            step=self.step_index,
+            loss=sums["main"],
+            mtp_loss=sums["mtp"],
+            balance_loss=sums["balance"],
+            total_loss=sums["total"],
+            max_vio=max_vio,
+            lr=lr,
+            grad_norm=grad_norm,
+            tokens=num_tokens,
+            tokens_per_s=num_tokens / elapsed,
+            step_time_s=elapsed,
+            mtp_weight=mtp_weight,
+            bias_gamma=gamma,
+            max_vio_per_layer=per_layer,
+            expert_load=sums["counts_RE"].tolist(),
+        )
+        self.step_index += 1
+        return record.to_dict()
+
+
+def accumulate_gradients(model, tokens_BL: torch.Tensor, num_microbatches: int, mtp_weight: float) -> dict:
+    """Forward/backward each micro-batch with loss / M; returns mean losses and summed expert counts (R, E)."""
+    counts_RE = torch.zeros(model.num_routers(), model.cfg.num_routed_experts, dtype=torch.int64)
+    sums = {"main": 0.0, "mtp": 0.0, "balance": 0.0, "total": 0.0}
+    for micro_BL in tokens_BL.chunk(num_microbatches):
+        out = model(micro_BL, mtp_weight=mtp_weight)
+        (out.loss / num_microbatches).backward()
+        for key, value in (("main", out.main_loss), ("mtp", out.mtp_loss), ("balance", out.balance_loss)):
+            sums[key] += float(value) / num_microbatches
+        sums["total"] += float(out.loss.detach()) / num_microbatches
+        for stats in out.router_stats:
+            counts_RE[stats.slot] += stats.counts_E.cpu()
+    sums["counts_RE"] = counts_RE
+    return sums
+
+
+def clip_gradients(params, max_norm: float) -> float:
+    """Global L2 norm of all gradients (returned), clipped to ``max_norm`` unless it is 0."""
+    params = [p for p in params if p.grad is not None]
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))

@@ -1,0 +1,69 @@
+"""A run directory: resolved config, per-step metrics (JSONL as they happen, Parquet at the end), a loss plot.
+
+JSONL is appended and flushed every step so a crashed or stopped run keeps everything it measured.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from raymoe.config import Config, to_yaml
+
+
+class RunDir:
+    def __init__(self, path: str | Path, config: Config) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "config.yaml").write_text(to_yaml(config))
+        self.metrics_path = self.path / "metrics.jsonl"
+        self._records: list[dict] = []
+        self._file = self.metrics_path.open("w")
+
+    def log(self, record: dict) -> None:
+        self._records.append(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    @property
+    def records(self) -> list[dict]:
+        return list(self._records)
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        self._file.close()
+        if self._records:
+            write_parquet(self._records, self.path / "metrics.parquet")
+            plot_losses(self._records, self.path / "loss.png")
+
+
+def write_parquet(records: list[dict], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(records), path)
+
+
+def plot_losses(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, (ax_loss, ax_vio) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot(steps, [r["loss"] for r in records], label="main loss")
+    if any(r.get("mtp_loss") for r in records):
+        ax_loss.plot(steps, [r["mtp_loss"] for r in records], label="MTP loss", alpha=0.8)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("cross-entropy (nats/token)")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    ax_vio.plot(steps, [r.get("max_vio", 0.0) for r in records], color="tab:red")
+    ax_vio.set_xlabel("step")
+    ax_vio.set_ylabel("MaxVio (mean over MoE layers)")
+    ax_vio.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
