@@ -80,8 +80,18 @@ def test_train_command_local_writes_run_directory(tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(
         main,
-        ["train", "--preset", "debug", "--engine", "local", "--steps", "3", "--out", str(out),
-         f"data.path={tmp_path / 'data'}"],
+        [
+            "train",
+            "--preset",
+            "debug",
+            "--engine",
+            "local",
+            "--steps",
+            "3",
+            "--out",
+            str(out),
+            f"data.path={tmp_path / 'data'}",
+        ],
     )
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -128,9 +128,7 @@ class RoutingConfig:
         _non_negative("routing", bias_update_speed=self.bias_update_speed, seq_aux_alpha=self.seq_aux_alpha)
         _one_of("routing", "score_func", self.score_func, SCORE_FUNCS)
         if self.groups_kept > self.num_groups:
-            raise ValueError(
-                f"routing.groups_kept ({self.groups_kept}) exceeds routing.num_groups ({self.num_groups})"
-            )
+            raise ValueError(f"routing.groups_kept ({self.groups_kept}) exceeds routing.num_groups ({self.num_groups})")
         if self.bias_update_stop_tokens < -1:
             raise ValueError(f"routing.bias_update_stop_tokens must be -1 or >= 0, got {self.bias_update_stop_tokens}")
 
@@ -298,7 +296,8 @@ class Config:
             raise ValueError(f"routing.top_k ({r.top_k}) must be divisible by routing.groups_kept ({r.groups_kept})")
         if r.num_groups > 1 and r.top_k // r.groups_kept > experts_per_group:
             raise ValueError(
-                f"routing.top_k/groups_kept ({r.top_k}/{r.groups_kept}) exceeds the {experts_per_group} experts per group"
+                f"routing.top_k/groups_kept ({r.top_k}/{r.groups_kept}) exceeds the "
+                f"{experts_per_group} experts per group"
             )
         if r.groups_kept * experts_per_group < r.top_k:
             raise ValueError(
@@ -314,8 +313,8 @@ class Config:
         per_step = p.dp * s.num_microbatches
         if self.data.batch_size % per_step:
             raise ValueError(
-                f"data.batch_size ({self.data.batch_size}) must be divisible by parallel.dp x schedule.num_microbatches "
-                f"({p.dp} x {s.num_microbatches} = {per_step})"
+                f"data.batch_size ({self.data.batch_size}) must be divisible by "
+                f"parallel.dp x schedule.num_microbatches ({p.dp} x {s.num_microbatches} = {per_step})"
             )
         if s.name in ("dualpipe", "dualpipev") and p.pp > 1:
             if s.name == "dualpipe" and p.pp % 2:
@@ -326,7 +325,9 @@ class Config:
                     f"got {s.num_microbatches} < 2 * {p.pp}"
                 )
             if s.name == "dualpipe" and s.num_microbatches % 2:
-                raise ValueError(f"schedule.name=dualpipe needs an even schedule.num_microbatches, got {s.num_microbatches}")
+                raise ValueError(
+                    f"schedule.name=dualpipe needs an even schedule.num_microbatches, got {s.num_microbatches}"
+                )
         num_stages = 2 * p.pp if s.name == "dualpipev" and p.pp > 1 else p.pp
         if p.stage_layers:
             if len(p.stage_layers) != num_stages or sum(p.stage_layers) != m.num_layers or min(p.stage_layers) < 1:

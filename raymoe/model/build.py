@@ -12,6 +12,11 @@ from raymoe.model.transformer import Transformer
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def compute_context(config: Config, device: torch.device):
+    """Autocast to bf16 when ``precision.dtype=bf16``; a no-op context for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision.dtype == "bf16")
+
+
 def init_weights(model: nn.Module, std: float) -> None:
     """Normal(0, std) for every projection, embedding and gate; norms start at 1 (their constructor's value)."""
     for module in model.modules():
@@ -22,7 +27,10 @@ def init_weights(model: nn.Module, std: float) -> None:
 
 
 def build_model(config: Config, *, device: str | torch.device = "cpu", seed: int | None = None) -> Transformer:
-    """Build the full model. On ``meta`` nothing is allocated (the 671B preset builds in about a second).
+    """Build the full model. On ``meta`` nothing is allocated.
+
+    Parameters are always fp32: they are the master weights. ``precision.dtype=bf16`` means bf16 *compute*
+    (autocast, see ``compute_context``), which is how the paper trains (FP32 master weights, BF16/FP8 GEMMs).
 
     The same ``seed`` gives the same weights on every process: pipeline workers build the full model and keep
     their stages, which is how distributed runs start bit-identical to the single-process reference.
@@ -35,9 +43,6 @@ def build_model(config: Config, *, device: str | torch.device = "cpu", seed: int
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(generator_seed)
             init_weights(model, config.model.init_std)
-    model.to(dtype=DTYPES[config.precision.dtype])
-    for gate in model.gates():  # the gate's bias is routing state: keep it fp32 whatever the model dtype
-        gate.bias.data = gate.bias.data.float()
     if config.precision.fp8:
         from raymoe.fp8 import convert_linears
 

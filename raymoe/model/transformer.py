@@ -58,9 +58,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, routing, moe_slot=slots.get(i)) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.mtp = nn.ModuleList(
-            MTPModule(cfg, routing, moe_slot=slots[cfg.num_layers + k]) for k in range(mtp.depth)
-        )
+        self.mtp = nn.ModuleList(MTPModule(cfg, routing, moe_slot=slots[cfg.num_layers + k]) for k in range(mtp.depth))
         self.rope = Rope(cfg.qk_rope_head_dim, cfg.max_seq_len, cfg.rope_theta)
 
     # -- pieces a pipeline stage runs -------------------------------------------------------------------------

@@ -25,9 +25,7 @@ def update_bias(bias_E: torch.Tensor, counts_E: torch.Tensor, gamma: float) -> t
     return bias_E + gamma * torch.sign(mean_load - counts).to(bias_E.dtype)
 
 
-def sequence_balance_loss(
-    scores_BTE: torch.Tensor, topk_ids_BTK: torch.Tensor, *, alpha: float
-) -> torch.Tensor:
+def sequence_balance_loss(scores_BTE: torch.Tensor, topk_ids_BTK: torch.Tensor, *, alpha: float) -> torch.Tensor:
     """Complementary sequence-wise balance loss (eqs. 17-20), averaged over the B sequences.
 
     L_bal = alpha * sum_i f_i P_i per sequence, with
@@ -40,7 +38,9 @@ def sequence_balance_loss(
         return scores_BTE.new_zeros(())
     selected_BE = torch.zeros(num_seqs, num_experts, device=scores_BTE.device, dtype=scores_BTE.dtype)
     selected_BE.scatter_add_(
-        1, topk_ids_BTK.reshape(num_seqs, -1), torch.ones_like(topk_ids_BTK, dtype=scores_BTE.dtype).reshape(num_seqs, -1)
+        1,
+        topk_ids_BTK.reshape(num_seqs, -1),
+        torch.ones_like(topk_ids_BTK, dtype=scores_BTE.dtype).reshape(num_seqs, -1),
     )
     f_BE = selected_BE * (num_experts / (top_k * seq_len))
     normalized_BTE = scores_BTE / scores_BTE.sum(dim=-1, keepdim=True)

@@ -24,9 +24,7 @@ def affinity_scores(logits_TE: torch.Tensor, score_func: str) -> torch.Tensor:
     raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
 
 
-def group_limited_mask(
-    biased_TE: torch.Tensor, *, num_groups: int, groups_kept: int, top_k: int
-) -> torch.Tensor:
+def group_limited_mask(biased_TE: torch.Tensor, *, num_groups: int, groups_kept: int, top_k: int) -> torch.Tensor:
     """Boolean (T, E) mask of the experts each token may choose under group-limited routing."""
     num_tokens, num_experts = biased_TE.shape
     if num_groups == 1:

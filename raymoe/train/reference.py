@@ -14,6 +14,7 @@ import torch
 
 from raymoe.config import Config
 from raymoe.model import build_model
+from raymoe.model.build import compute_context
 from raymoe.routing import update_bias
 from raymoe.train.metrics import StepMetrics, load_statistics
 from raymoe.train.optim import lr_at, make_adamw, set_lr
@@ -52,7 +53,10 @@ class ReferenceTrainer:
 
         self.model.set_routing_biases(self.routing_bias_RE)
         self.optimizer.zero_grad(set_to_none=True)
-        sums = accumulate_gradients(self.model, tokens_BL.to(self.device), cfg.schedule.num_microbatches, mtp_weight)
+        with compute_context(cfg, self.device):
+            sums = accumulate_gradients(
+                self.model, tokens_BL.to(self.device), cfg.schedule.num_microbatches, mtp_weight
+            )
         grad_norm = clip_gradients(self.model.parameters(), cfg.optim.grad_clip)
         self.optimizer.step()
         self.routing_bias_RE = update_bias(self.routing_bias_RE, sums["counts_RE"], gamma)

@@ -1,0 +1,11 @@
+"""Benchmarks run by ``raymoe bench`` (``make bench``).
+
+Each benchmark is a module here with ``run(out_dir: Path, *, quick: bool = False) -> dict`` that measures against a
+reference taken in the same run (ratios, never absolute timed assertions), writes ``out_dir/<name>.json`` plus any
+plots, and returns a summary dict with a ``markdown`` entry (a table for the README).
+"""
+
+BENCHMARKS = {
+    "fp8_training": "raymoe.bench.fp8_training",
+    "runtime_schedules": "raymoe.bench.runtime_schedules",
+}
