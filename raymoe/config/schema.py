@@ -328,7 +328,13 @@ class Config:
                 raise ValueError(
                     f"schedule.name=dualpipe needs an even schedule.num_microbatches, got {s.num_microbatches}"
                 )
-        num_stages = 2 * p.pp if s.name == "dualpipev" and p.pp > 1 else p.pp
+        from raymoe.schedule import validate_inputs  # pure Python; the schedule owns its shape rules
+
+        try:
+            validate_inputs(s.name, p.pp, s.num_microbatches)
+        except ValueError as exc:
+            raise ValueError(f"schedule.name={s.name}, parallel.pp={p.pp}: {exc}") from exc
+        num_stages = 2 * p.pp if s.name == "dualpipev" else p.pp
         if p.stage_layers:
             if len(p.stage_layers) != num_stages or sum(p.stage_layers) != m.num_layers or min(p.stage_layers) < 1:
                 raise ValueError(
