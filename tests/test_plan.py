@@ -252,3 +252,16 @@ def test_cli_reads_a_config_file(tmp_path):
     report = json.loads(result.output)
     assert len(report["layers"]) == 5 and [m["depth"] for m in report["mtp"]] == [1, 2]
     assert report["mtp_params"] == 2 * report["mtp"][0]["total"]
+
+
+def test_plan_cluster_says_whether_the_layout_fits():
+    from click.testing import CliRunner
+
+    from raymoe.cli import main
+
+    fits = CliRunner().invoke(main, ["plan", "--preset", "671b", "--cluster", "cluster/aws.yaml", "--json"])
+    assert fits.exit_code == 0, fits.output
+    report = json.loads(fits.output)
+    assert report["cluster"]["fits"] and report["cluster"]["num_nodes_to_launch"] == 256
+    too_small = CliRunner().invoke(main, ["plan", "--preset", "671b", "--cluster", "cluster/kuberay/rayjob.yaml"])
+    assert too_small.exit_code == 1 and "DOES NOT FIT" in too_small.output

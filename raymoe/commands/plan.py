@@ -41,6 +41,12 @@ from raymoe.plan import (
     "--fp32-grads", is_flag=True, help="Accumulate gradients in fp32 (the paper) instead of the param dtype."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.option(
+    "--cluster",
+    "cluster_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Ray cluster launcher YAML or KubeRay manifest: does the layout fit, how many nodes must autoscaling add?",
+)
 @click.argument("overrides", nargs=-1)
 def plan(
     preset: str,
@@ -52,6 +58,7 @@ def plan(
     schedule: str | None,
     fp32_grads: bool,
     as_json: bool,
+    cluster_file: str | None,
     overrides: tuple[str, ...],
 ) -> None:
     """Count parameters (total, active per token, MTP) and bytes per device for a parallel layout."""
@@ -73,13 +80,40 @@ def plan(
         params = count_params(cfg.model, top_k=cfg.routing.top_k, mtp_depth=cfg.mtp.depth)
         bytes_per = BytesPerElement.from_precision(cfg.precision, fp32_grads=fp32_grads)
         memory = plan_memory(params, layout, bytes_per, num_routed_experts=cfg.model.num_routed_experts)
+        fit = None if cluster_file is None else _cluster_fit(cluster_file, cfg, layout)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     report = plan_report(params, memory)
+    if fit is not None:
+        report["cluster"] = fit
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(format_report(params, memory, title=config_file or preset))
+        if fit is not None:
+            from raymoe.cluster import format_fit_report
+
+            click.echo("")
+            click.echo(format_fit_report(fit))
+    if fit is not None and not fit["fits"]:
+        raise SystemExit(1)
+
+
+def _cluster_fit(cluster_file: str, cfg, layout: Layout) -> dict:
+    """Check the planned layout (not just the config's) against the cluster's node types."""
+    from dataclasses import replace
+
+    from raymoe.cluster import fit_report
+
+    parallel = replace(
+        cfg.parallel,
+        pp=layout.pp,
+        ep=layout.ep,
+        dp=layout.dp,
+        zero_stage=layout.zero_stage,
+        stage_layers=list(layout.stage_layers),
+    )
+    return fit_report(cluster_file, replace(cfg, parallel=parallel, schedule=replace(cfg.schedule, name=layout.schedule)))
 
 
 def plan_report(params: ModelParams, memory: MemoryPlan) -> dict[str, object]:
