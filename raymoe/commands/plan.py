@@ -113,7 +113,8 @@ def _cluster_fit(cluster_file: str, cfg, layout: Layout) -> dict:
         zero_stage=layout.zero_stage,
         stage_layers=list(layout.stage_layers),
     )
-    return fit_report(cluster_file, replace(cfg, parallel=parallel, schedule=replace(cfg.schedule, name=layout.schedule)))
+    schedule = replace(cfg.schedule, name=layout.schedule)
+    return fit_report(cluster_file, replace(cfg, parallel=parallel, schedule=schedule))
 
 
 def plan_report(params: ModelParams, memory: MemoryPlan) -> dict[str, object]:
