@@ -177,6 +177,11 @@ class PrecisionConfig:
         _one_of("precision", "dtype", self.dtype, DTYPES)
         _one_of("precision", "fp8_backend", self.fp8_backend, FP8_BACKENDS)
         _non_negative("precision", fp8_promotion_interval=self.fp8_promotion_interval)
+        if self.fp8_promotion_interval % 32:
+            raise ValueError(
+                f"precision.fp8_promotion_interval must be 0 or a multiple of 32 (the emulated WGMMA step), "
+                f"got {self.fp8_promotion_interval}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

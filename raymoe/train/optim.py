@@ -26,10 +26,18 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], optim: OptimC
     return [g for g in groups if g["params"]]
 
 
-def make_adamw(named_params: Iterable[tuple[str, nn.Parameter]], optim: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        param_groups(named_params, optim), lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps
-    )
+def make_adamw(
+    named_params: Iterable[tuple[str, nn.Parameter]], optim: OptimConfig, *, bf16_moments: bool = False
+) -> torch.optim.Optimizer:
+    """torch AdamW, or with ``bf16_moments`` (``precision.bf16_optimizer_states``) AdamW whose two moments are
+    stored in BF16 while the master weights and the update stay FP32 (the paper's choice)."""
+    groups = param_groups(named_params, optim)
+    kwargs = dict(lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    if bf16_moments:
+        from raymoe.fp8 import Bf16MomentAdamW
+
+        return Bf16MomentAdamW(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:

@@ -26,7 +26,9 @@ class ReferenceTrainer:
         self.device = torch.device(device)
         torch.manual_seed(config.run.seed)
         self.model = build_model(config, device=self.device)
-        self.optimizer = make_adamw(self.model.named_parameters(), config.optim)
+        self.optimizer = make_adamw(
+            self.model.named_parameters(), config.optim, bf16_moments=config.precision.bf16_optimizer_states
+        )
         self.routing_bias_RE = self.model.routing_biases()
         self.step_index = 0
         self.tokens_seen = 0
