@@ -48,6 +48,7 @@ def test_dotlist_overrides():
         (["data.seq_len=1000"], r"data.seq_len \(1000\) exceeds model.max_seq_len"),
         (["parallel.pp=2", "parallel.stage_layers=[1,1]"], r"parallel.stage_layers \[1, 1\] must list 2"),
         (["model.num_dense_layers=9"], r"num_dense_layers \(9\) exceeds"),
+        (["precision.fp8_promotion_interval=100"], r"multiple of 32 .*got 100"),
     ],
 )
 def test_validation_errors_name_the_values(overrides, message):

@@ -105,3 +105,25 @@ def test_train_command_rejects_bad_config():
     result = CliRunner().invoke(main, ["train", "--preset", "debug", "--engine", "local", "model.dim=-1"])
     assert result.exit_code != 0
     assert "model.dim must be > 0, got -1" in result.output
+
+
+def test_bf16_optimizer_states_keep_fp32_master_weights():
+    cfg = load_config("debug", ["precision.bf16_optimizer_states=true"])
+    trainer = ReferenceTrainer(cfg, batches=RepeatingBatches(cfg.data.batch_size, cfg.data.seq_len + 2))
+    trainer.step()
+    state = next(iter(trainer.optimizer.state.values()))
+    moments = [v for v in state.values() if torch.is_tensor(v) and v.ndim > 0]
+    assert moments and all(m.dtype == torch.bfloat16 for m in moments)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_fp8_training_step_runs_and_converts_the_paper_linears():
+    from raymoe.fp8 import Fp8Linear
+
+    cfg = load_config("debug", ["precision.fp8=true"])
+    trainer = ReferenceTrainer(cfg, batches=RepeatingBatches(cfg.data.batch_size, cfg.data.seq_len + 2))
+    record = trainer.step()
+    assert torch.isfinite(torch.tensor(record["loss"]))
+    fp8 = {n for n, m in trainer.model.named_modules() if isinstance(m, Fp8Linear)}
+    assert "layers.0.attn.wo" in fp8 and "layers.1.ffn.experts.0.w1" in fp8
+    assert "head" not in fp8 and "mtp.0.proj" not in fp8
