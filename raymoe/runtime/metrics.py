@@ -140,7 +140,7 @@ class MetricsExporter:
                               "load in the last step.", tag_keys=("run", "router"))
         self._steps = Counter("raymoe_steps", description="Optimizer steps completed.", tag_keys=("run",))
         self._tokens = Counter("raymoe_tokens", description="Training tokens consumed.", tag_keys=("run",))
-        self._actions = open(actions_path, "a") if actions_path is not None else None  # noqa: SIM115
+        self._actions = open(actions_path, "w") if actions_path is not None else None  # noqa: SIM115
 
     @classmethod
     def for_run(cls, config, run_dir: str | Path) -> MetricsExporter:

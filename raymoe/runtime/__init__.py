@@ -1,0 +1,1 @@
+"""Everything that imports Ray: worker actors, the worker group, torch.distributed bootstrap, the driver."""

@@ -1,0 +1,294 @@
+"""The driver: validates a layout, starts the workers, and runs training steps as an explicit state machine.
+
+    INITIALIZING --start()--> RUNNING --finish()--> FINISHED
+         |                     |   ^
+         |                     |   +-- CHECKPOINTING (checkpoint issue) / RECOVERING (reliability issue)
+         +------ error --------+--> ERRORED   (or RECOVERING, if the injected failure policy says so)
+
+Everything that can be checked without a cluster is checked in the constructor (``validate_layout``), and the
+cluster's capacity before any actor starts (``WorkerGroup.start``), so a bad layout fails in seconds with the
+offending values named.
+
+One step: the driver reads the global batch, splits it into dp shards (contiguous rows, as the data loader's
+dp split) and micro-batches, puts each micro-batch into the object store once, and makes one ``run_step`` call
+per worker with the refs its first/last stages need, the routing state and the learning rate. It then sums the
+workers' per-expert counts into the global load, applies the bias rule (``raymoe.routing.update_bias``; routing
+policy lives here, in one place) and writes the same per-step record as the single-process trainer.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from raymoe.config import Config
+from raymoe.model import router_slots
+from raymoe.parallel.stage_plan import StagePlan, plan_stages
+from raymoe.parallel.topology import Topology
+from raymoe.routing import update_bias
+from raymoe.runtime.results import LoadInfo, StepInputs, StepResult
+from raymoe.runtime.worker_group import WorkerGroup
+from raymoe.schedule import Schedule, build_schedule
+from raymoe.train.metrics import StepMetrics, load_statistics
+from raymoe.train.optim import lr_at
+
+
+class DriverState(enum.Enum):
+    INITIALIZING = "initializing"
+    RUNNING = "running"
+    CHECKPOINTING = "checkpointing"
+    RECOVERING = "recovering"
+    FINISHED = "finished"
+    ERRORED = "errored"
+
+
+TRANSITIONS: dict[DriverState, frozenset[DriverState]] = {
+    DriverState.INITIALIZING: frozenset({DriverState.RUNNING, DriverState.ERRORED}),
+    DriverState.RUNNING: frozenset(
+        {DriverState.CHECKPOINTING, DriverState.RECOVERING, DriverState.FINISHED, DriverState.ERRORED}
+    ),
+    DriverState.CHECKPOINTING: frozenset({DriverState.RUNNING, DriverState.ERRORED}),
+    DriverState.RECOVERING: frozenset({DriverState.RUNNING, DriverState.ERRORED}),
+    DriverState.FINISHED: frozenset(),
+    DriverState.ERRORED: frozenset(),
+}
+
+
+class FailurePolicy(Protocol):
+    def decide(self, error: BaseException, state: DriverState) -> DriverState:
+        """The state to enter after ``error`` in ``state``: ERRORED, or RECOVERING to retry."""
+        ...
+
+
+class FailFast:
+    """The default policy: any failure ends the run (the reliability issue adds restarts)."""
+
+    def decide(self, error: BaseException, state: DriverState) -> DriverState:
+        return DriverState.ERRORED
+
+
+def validate_layout(config: Config) -> tuple[Schedule, StagePlan]:
+    """Everything about a layout that can be refused without a cluster; ValueError names the values."""
+    p = config.parallel
+    if p.ep != 1:
+        raise ValueError(
+            f"parallel.ep={p.ep}: expert parallelism is not available in this runtime yet; use parallel.ep=1 "
+            f"(experts are then replicated like dense layers, data-parallel over parallel.dp={p.dp})"
+        )
+    if p.zero_stage == 2:
+        raise ValueError(
+            "parallel.zero_stage=2: ZeRO-2 reduces gradients from hooks inside DeepSpeed's own backward, which this "
+            "runtime's executor does not call; use parallel.zero_stage=1 (the stage DeepSeek-V3 ran with its "
+            "pipeline) or 0"
+        )
+    schedule = build_schedule(config.schedule.name, p.pp, config.schedule.num_microbatches)
+    plan = plan_stages(config.model.num_layers, schedule.placement.num_chunks, p.stage_layers)
+    return schedule, plan
+
+
+@dataclass
+class StepReport:
+    record: dict
+    """The per-step metrics record (``metrics.jsonl``)."""
+    results: list[StepResult]
+    wall_s: float
+    """Driver-side wall time of the step: batch preparation, the Ray round trip, aggregation."""
+
+
+@dataclass
+class _Transition:
+    state: DriverState
+    at: float
+    reason: str = ""
+
+
+class Driver:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        worker_group: WorkerGroup | None = None,
+        failure_policy: FailurePolicy | None = None,
+        batches=None,
+        timeout_s: float = 300.0,
+    ) -> None:
+        self.config = config
+        self.schedule, self.plan = validate_layout(config)
+        p = config.parallel
+        self.topology = Topology(pp=p.pp, ep=p.ep, dp=p.dp)
+        if worker_group is not None and worker_group.topology != self.topology:
+            raise ValueError(f"worker group topology {worker_group.topology} != the config's {self.topology}")
+        self.worker_group = worker_group
+        self._owns_group = worker_group is None
+        self.failure_policy = failure_policy or FailFast()
+        self.timeout_s = timeout_s
+        self._batches = batches
+        self.key = f"{config.schedule.name}-{uuid.uuid4().hex[:8]}"
+        self.state = DriverState.INITIALIZING
+        self.history: list[_Transition] = [_Transition(DriverState.INITIALIZING, time.time())]
+        self.step_index = 0
+        self.tokens_seen = 0
+        num_routers = len(router_slots(config.model, config.mtp.depth))
+        self.routing_bias_RE = torch.zeros(num_routers, config.model.num_routed_experts)
+        self.load_info: list[LoadInfo] = []
+        self._needed = self._microbatches_per_pipeline_rank()
+
+    # -- state machine -------------------------------------------------------------------------------------------
+    def _transition(self, new: DriverState, reason: str = "") -> None:
+        if new not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"driver cannot go from {self.state.value} to {new.value}")
+        self.state = new
+        self.history.append(_Transition(new, time.time(), reason))
+
+    def _fail(self, error: BaseException) -> None:
+        decided = self.failure_policy.decide(error, self.state)
+        if decided not in TRANSITIONS[self.state]:  # e.g. nothing to recover before the workers ever ran
+            decided = DriverState.ERRORED
+        self._transition(decided, f"{type(error).__name__}: {error}")
+        if decided is DriverState.ERRORED:
+            self.close()
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+    def start(self) -> Driver:
+        """Reserve resources, start and bootstrap the workers (unless given), load the layout on them."""
+        if self.state is not DriverState.INITIALIZING:
+            raise RuntimeError(f"start() in state {self.state.value}")
+        try:
+            if self.worker_group is None:
+                self.worker_group = WorkerGroup(
+                    self.topology, device=self.config.parallel.device, timeout_s=self.timeout_s
+                ).start()
+            placement = self.schedule.placement
+            args = [
+                (self.key, self.config, placement, self.schedule.actions[self.topology.coord(r).pp_rank])
+                for r in range(self.topology.world_size)
+            ]
+            self.load_info = self.worker_group.execute_each("load", args)
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        self._transition(DriverState.RUNNING)
+        return self
+
+    def finish(self) -> None:
+        if self.state is DriverState.RUNNING:
+            self._transition(DriverState.FINISHED)
+        self.close()
+
+    def close(self) -> None:
+        """Unload the layout; stop the workers if this driver started them."""
+        group, self.worker_group = self.worker_group, None
+        if group is None:
+            return
+        if self._owns_group:
+            group.shutdown()
+        else:
+            try:  # bounded: a worker stuck in a collective would hold the call until the gloo timeout
+                group.execute("unload", self.key, timeout_s=30)
+            except Exception:  # the group's owner decides what to do with broken workers
+                pass
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+    @property
+    def batches(self):
+        if self._batches is None:
+            from raymoe.train.batches import open_batches
+
+            self._batches = open_batches(self.config)
+        return self._batches
+
+    def run(self, steps: int | None = None, on_step: Callable[[StepReport], None] | None = None) -> list[dict]:
+        records = []
+        for _ in range(self.config.run.steps if steps is None else steps):
+            report = self.step()
+            records.append(report.record)
+            if on_step is not None:
+                on_step(report)
+        return records
+
+    def step(self, tokens_BL: torch.Tensor | None = None, *, capture: bool = False) -> StepReport:
+        """One optimizer step on ``tokens_BL`` (the global batch) or the next batch of the data."""
+        if self.state is not DriverState.RUNNING:
+            raise RuntimeError(f"step() in state {self.state.value}; call start() first")
+        cfg = self.config
+        if tokens_BL is None:
+            tokens_BL = self.batches.next_batch()
+        if tokens_BL.shape[0] != cfg.data.batch_size:
+            raise ValueError(f"global batch has {tokens_BL.shape[0]} rows, data.batch_size is {cfg.data.batch_size}")
+        start = time.perf_counter()
+        mtp_weight = cfg.mtp.weight_at(self.tokens_seen)
+        gamma = cfg.routing.gamma_at(self.tokens_seen)
+        lr = lr_at(self.step_index, cfg.optim, cfg.run.steps)
+        try:
+            results = self._run_workers(tokens_BL, lr=lr, mtp_weight=mtp_weight, capture=capture)
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        counts_RE = sum(r.counts_RE for r in results)
+        self.routing_bias_RE = update_bias(self.routing_bias_RE, counts_RE, gamma)
+        wall = time.perf_counter() - start
+        num_tokens = tokens_BL.shape[0] * (tokens_BL.shape[1] - 1 - cfg.mtp.depth)
+        self.tokens_seen += num_tokens
+        record = self._record(results, counts_RE, lr=lr, mtp_weight=mtp_weight, gamma=gamma, wall=wall,
+                              num_tokens=num_tokens)
+        self.step_index += 1
+        return StepReport(record=record, results=results, wall_s=wall)
+
+    def _microbatches_per_pipeline_rank(self) -> dict[int, list[int]]:
+        """Micro-batches whose tokens each pipeline rank reads: inputs of its first stages, labels of its last."""
+        placement, m = self.schedule.placement, self.config.schedule.num_microbatches
+        needed: dict[int, set[int]] = {r: set() for r in range(self.topology.pp)}
+        for info in placement.stages:
+            if info.is_first or info.is_last:
+                needed[info.rank].update(placement.microbatches_of(info.stage, m))
+        return {r: sorted(ms) for r, ms in needed.items()}
+
+    def _run_workers(self, tokens_BL: torch.Tensor, *, lr: float, mtp_weight: float, capture: bool):
+        import ray
+
+        topo, m = self.topology, self.config.schedule.num_microbatches
+        refs = {}
+        for d, shard in enumerate(tokens_BL.chunk(topo.dp)):
+            for i, micro in enumerate(shard.chunk(m)):
+                refs[d, i] = ray.put(micro.contiguous())
+        args = []
+        for rank in range(topo.world_size):
+            c = topo.coord(rank)
+            inputs = StepInputs(
+                step=self.step_index, microbatches={i: refs[c.dp_rank, i] for i in self._needed[c.pp_rank]},
+                bias_RE=self.routing_bias_RE, lr=lr, mtp_weight=mtp_weight, capture=capture,
+            )
+            args.append((self.key, inputs))
+        return self.worker_group.execute_each("run_step", args)
+
+    def _record(self, results: list[StepResult], counts_RE, *, lr, mtp_weight, gamma, wall, num_tokens) -> dict:
+        dp = self.topology.dp
+        main = sum(r.main_ce for r in results) / dp
+        mtp = sum(r.mtp_ce for r in results) / dp
+        balance = sum(r.balance for r in results) / dp
+        max_vio, per_layer = load_statistics(counts_RE)
+        worker_s = max(r.step_s for r in results)
+        return StepMetrics(
+            step=self.step_index, loss=main, mtp_loss=mtp, balance_loss=balance,
+            total_loss=main + mtp_weight * mtp + balance, max_vio=max_vio, lr=lr, grad_norm=results[0].grad_norm,
+            tokens=num_tokens, tokens_per_s=num_tokens / wall, step_time_s=wall, mtp_weight=mtp_weight,
+            bias_gamma=gamma, max_vio_per_layer=per_layer, expert_load=counts_RE.tolist(),
+            extra={
+                "engine": "ray",
+                "schedule": self.config.schedule.name,
+                "pp": self.topology.pp,
+                "dp": dp,
+                "worker_step_s": worker_s,
+                "driver_overhead_s": wall - worker_s,
+                "compute_s_per_rank": [r.compute_s for r in results],
+                "optimizer_s_max": max(r.optimizer_s for r in results),
+                "optimizer_state_bytes_per_rank": [r.optimizer_state_bytes for r in results],
+                "peak_live_activations_per_rank": [r.peak_live_activations for r in results],
+            },
+        ).to_dict()

@@ -1,0 +1,77 @@
+"""The typed hand-offs between the driver and its workers: what a step needs, what a step returns.
+
+Legend: R routers (MoE layers, then MTP blocks), E routed experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from raymoe.parallel.executor import ActionTiming
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepInputs:
+    step: int
+    microbatches: dict[int, Any]
+    """Micro-batch index -> Ray object ref of its (B_micro, L) tokens; only those this rank's first and last
+    stages read (inputs at the first, labels at the last)."""
+    bias_RE: torch.Tensor
+    """The routing state: every router's balancing bias, owned by the driver."""
+    lr: float
+    mtp_weight: float
+    capture: bool = False
+    """Also return the gradients (dp-averaged, before clipping) and the parameters before/after the update."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepResult:
+    rank: int
+    pp_rank: int
+    dp_rank: int
+    step: int
+    main_ce: float
+    """Sum over the micro-batches whose loss this rank computed of main CE / num_microbatches."""
+    mtp_ce: float
+    balance: float
+    """Sum of the balance losses computed on this rank, / num_microbatches."""
+    num_loss_microbatches: int
+    counts_RE: torch.Tensor
+    """Tokens routed to each expert by this rank's routers, summed over its micro-batches (int64)."""
+    grad_norm: float
+    """Global gradient norm (whole pipeline, dp-averaged) before clipping; the same on every rank."""
+    timings: tuple[ActionTiming, ...]
+    step_s: float
+    """Wall time of ``run_step`` on the worker."""
+    compute_s: float
+    """Summed duration of this rank's compute actions."""
+    optimizer_s: float
+    """Gradient sync (embedding / mirror), dp reduction, clipping and the update."""
+    recv_wait_s: float
+    send_wait_s: float
+    peak_live_activations: int
+    param_bytes: int
+    optimizer_state_bytes: int
+    """Adam moments held by this rank: 1/dp of the stage's under ZeRO."""
+    optimizer_master_bytes: int
+    peak_memory_bytes: int
+    """Peak resident memory of the worker process (CPU) or peak allocated device memory (CUDA)."""
+    grads: dict[str, torch.Tensor] | None = None
+    params_before: dict[str, torch.Tensor] | None = None
+    params_after: dict[str, torch.Tensor] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadInfo:
+    """What a worker reports after building its stage(s) for a layout."""
+
+    rank: int
+    chunks: tuple[int, ...]
+    layers: tuple[int, ...]
+    num_params: int
+    param_bytes: int
+    optimizer: str

@@ -1,0 +1,199 @@
+"""The worker actor: owns one rank's pipeline stage(s), its optimizer partition and its executor.
+
+A worker is created bare, joins torch.distributed (``bootstrap.py``), and then *loads* a layout: it builds the
+full model from the run seed, keeps the chunks its pipeline rank holds (``PipelineStage``), wraps their
+parameters in the ZeRO optimizer and builds the executor for its action list (shipped once, at load). Each
+``run_step`` is then one Ray call: fetch its micro-batches from the object store, write the routing state into
+its gates, run its actions (activations and gradients go peer to peer), sum replicated gradients (tied
+embedding, DualPipe mirror), step the optimizer, and return a ``StepResult``.
+
+A worker may hold several loaded layouts of the same topology at once (keyed by name); the benchmark uses that
+to alternate schedules step by step on the same actors.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+
+from raymoe.config import Config
+from raymoe.model import build_model, set_gate_biases
+from raymoe.model.build import compute_context
+from raymoe.parallel.executor import Executor
+from raymoe.parallel.groups import ProcessGroups, all_reduce_sum, build_process_groups
+from raymoe.parallel.p2p import TorchTransport
+from raymoe.parallel.stage_plan import GradSync, PipelineStage, grad_sync_plan, plan_stages
+from raymoe.parallel.topology import Topology
+from raymoe.runtime.bootstrap import worker_init_process_group, worker_open_store
+from raymoe.runtime.results import LoadInfo, StepInputs, StepResult
+from raymoe.schedule import Action, Placement
+
+
+@dataclass
+class _Layout:
+    config: Config
+    stage: PipelineStage
+    actions: tuple[Action, ...]
+    executor: Executor
+    optimizer: object
+    sync: GradSync
+
+
+class Worker:
+    def __init__(self, rank: int, topology: Topology, *, device: str = "cpu", num_threads: int = 1) -> None:
+        torch.set_num_threads(num_threads)  # one core per actor; more threads only oversubscribe
+        self.rank = rank
+        self.topology = topology
+        self.coord = topology.coord(rank)
+        self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+        self.backend = "nccl" if device == "cuda" else "gloo"
+        self._store = None
+        self.groups: ProcessGroups | None = None
+        self.layouts: dict[str, _Layout] = {}
+
+    # -- bootstrap ---------------------------------------------------------------------------------------------
+    def open_store(self, world_size: int, timeout_s: float) -> tuple[str, int]:
+        self._store, host, port = worker_open_store(world_size, timeout_s)
+        return host, port
+
+    def init_distributed(self, host: str, port: int, backend: str, timeout_s: float) -> int:
+        worker_init_process_group(store=self._store, host=host, port=port, rank=self.rank,
+                                  world_size=self.topology.world_size, backend=backend, timeout_s=timeout_s)
+        self.backend = backend
+        self.groups = build_process_groups(self.topology, self.rank)
+        return self.rank
+
+    def whoami(self) -> dict:
+        """Where this worker stands in Ray and in torch.distributed (for tests and debugging)."""
+        import os
+
+        import torch.distributed as dist
+
+        return {
+            "rank": self.rank,
+            "coord": self.coord,
+            "dist_rank": dist.get_rank() if dist.is_initialized() else None,
+            "world_size": dist.get_world_size() if dist.is_initialized() else None,
+            "backend": self.backend,
+            "groups": dict(self.groups.members) if self.groups else {},
+            "pid": os.getpid(),
+        }
+
+    # -- layouts -----------------------------------------------------------------------------------------------
+    def load(self, key: str, config: Config, placement: Placement, actions: tuple[Action, ...]) -> LoadInfo:
+        from raymoe.zero import build_optimizer
+
+        p = config.parallel
+        pp_rank = self.coord.pp_rank
+        plan = plan_stages(config.model.num_layers, placement.num_chunks, p.stage_layers)
+        model = build_model(config, device=self.device, seed=config.run.seed)
+        num_routers, num_experts = model.num_routers(), config.model.num_routed_experts
+        chunks = [placement.info(s).chunk for s in placement.stages_of(pp_rank)]
+        stage = PipelineStage(model, plan, chunks)
+        del model
+        sync = grad_sync_plan(placement.family, p.pp, pp_rank, stage)
+        named = dict(stage.named_parameters())
+        optimizer = build_optimizer(
+            stage, config.optim, zero_stage=p.zero_stage, dp_group=self.groups.dp, pp_group=self.groups.pp,
+            not_in_norm=[named[n] for n in sorted(sync.not_in_norm)], micro_batch_size=config.micro_batch_size,
+            num_microbatches=config.schedule.num_microbatches, backend=self.backend,
+            bf16_moments=config.precision.bf16_optimizer_states,
+        )
+        executor = Executor(
+            stage=stage, placement=placement, pipeline_rank=pp_rank,
+            global_rank_of=[self.topology.pipeline_peer(self.rank, r) for r in range(p.pp)],
+            transport=TorchTransport(), num_microbatches=config.schedule.num_microbatches,
+            activation_shape=(config.micro_batch_size, config.data.seq_len, config.model.dim),
+            # activations between stages are fp32: parameters are fp32 master weights and bf16 is autocast compute
+            num_routers=num_routers, num_experts=num_experts, dtype=torch.float32,
+            device=self.device,
+        )
+        self.layouts[key] = _Layout(config, stage, tuple(actions), executor, optimizer, sync)
+        return LoadInfo(
+            rank=self.rank, chunks=stage.chunks, layers=tuple(int(i) for i in stage.layers),
+            num_params=sum(t.numel() for t in named.values()), param_bytes=_bytes(named.values()),
+            optimizer=type(optimizer).__name__,
+        )
+
+    def unload(self, key: str) -> None:
+        self.layouts.pop(key, None)
+
+    def parameters(self, key: str) -> dict[str, torch.Tensor]:
+        return {n: t.detach().cpu().clone() for n, t in self.layouts[key].stage.named_parameters()}
+
+    # -- one step ----------------------------------------------------------------------------------------------
+    def run_step(self, key: str, inputs: StepInputs) -> StepResult:
+        import ray
+
+        start = time.perf_counter()
+        layout = self.layouts[key]
+        set_gate_biases(layout.stage.gates(), inputs.bias_RE)
+        indices = sorted(inputs.microbatches)
+        fetched = ray.get([inputs.microbatches[m] for m in indices])
+        tokens = {m: t.to(self.device) for m, t in zip(indices, fetched)}
+        with compute_context(layout.config, self.device):
+            outcome = layout.executor.run(layout.actions, tokens, inputs.mtp_weight)
+
+        opt_start = time.perf_counter()
+        named = dict(layout.stage.named_parameters())
+        self._sum_replicas(named, layout.sync)
+        captured = self._capture(named) if inputs.capture else {}
+        grad_norm = layout.optimizer.step(inputs.lr)
+        if inputs.capture:
+            captured["params_after"] = {n: t.detach().cpu().clone() for n, t in named.items()}
+        end = time.perf_counter()
+
+        memory = layout.optimizer.memory()
+        return StepResult(
+            rank=self.rank, pp_rank=self.coord.pp_rank, dp_rank=self.coord.dp_rank, step=inputs.step,
+            main_ce=outcome.main_ce, mtp_ce=outcome.mtp_ce, balance=outcome.balance,
+            num_loss_microbatches=outcome.num_loss_microbatches, counts_RE=outcome.counts_RE, grad_norm=grad_norm,
+            timings=tuple(outcome.timings), step_s=end - start,
+            compute_s=sum(t.end_s - t.start_s for t in outcome.timings), optimizer_s=end - opt_start,
+            recv_wait_s=outcome.recv_wait_s, send_wait_s=outcome.send_wait_s,
+            peak_live_activations=outcome.peak_live_activations, param_bytes=_bytes(named.values()),
+            optimizer_state_bytes=memory.state_bytes, optimizer_master_bytes=memory.master_bytes,
+            peak_memory_bytes=self._peak_memory(), **captured,
+        )
+
+    def _sum_replicas(self, named: dict[str, torch.nn.Parameter], sync: GradSync) -> None:
+        """Tied embedding and DualPipe mirror copies: sum their gradients so every copy takes the same step."""
+        for names, group in ((sync.embedding, self.groups.embedding), (sync.mirror, self.groups.mirror)):
+            if names:
+                grads = [_grad(named[n]) for n in sorted(names)]
+                all_reduce_sum(grads, group)
+
+    def _capture(self, named: dict[str, torch.nn.Parameter]) -> dict:
+        """dp-averaged gradients (before clipping) and parameters before the update, for parity checks."""
+        grads = [_grad(p).detach().clone() for p in named.values()]
+        all_reduce_sum(grads, self.groups.dp)
+        scale = 1.0 / self.topology.dp
+        return {
+            "grads": {n: (g * scale).cpu() for n, g in zip(named, grads)},
+            "params_before": {n: t.detach().cpu().clone() for n, t in named.items()},
+        }
+
+    def _peak_memory(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        self.layouts.clear()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _grad(p: torch.nn.Parameter) -> torch.Tensor:
+    if p.grad is None:  # a parameter no micro-batch reached: its gradient is zero, and collectives need a tensor
+        p.grad = torch.zeros_like(p)
+    return p.grad
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)

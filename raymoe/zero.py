@@ -1,0 +1,277 @@
+"""Who owns the optimizer state: DeepSpeed ZeRO around torch AdamW. The only module that imports deepspeed.
+
+ZeRO stage 1 (what DeepSeek-V3 ran with its pipeline) partitions the optimizer state over the data-parallel
+replicas of a pipeline stage: each of the ``dp`` ranks keeps Adam's two moments and the fp32 master weights for
+1/dp of the stage's parameters. At the step, gradients are averaged over the stage's dp group, each rank updates
+its partition, and the updated weights are all-gathered. Per-rank optimizer memory is therefore 1/dp of the
+replicated size (``OptimizerMemory``; the tests check it halves from dp=1 to dp=2).
+
+Two things DeepSpeed does not do for our pipeline, done here:
+
+* **Global gradient clipping.** The clip coefficient must come from the norm of the *whole* model's gradient,
+  which is spread over the pipeline stages. DeepSpeed computes the norm of one engine (one stage); we wrap that
+  computation with one all-reduce of the squared stage norm over the pipeline group, and clip exactly as
+  ``torch.nn.utils.clip_grad_norm_`` does (``min(1, max_norm / (norm + 1e-6))``). Replicated parameters (the
+  tied embedding copy, DualPipe's mirrored copy) are marked ``ds_pipe_replicated`` so they are counted once.
+  (Handing DeepSpeed the pipeline group as its "model parallel" group would also make the norm global, but
+  hangs when stages have different parameter groups; cf. DeepSpeed issue #6714.)
+* **Caller-owned accumulation.** The pipeline executor runs the backward passes itself
+  (``managed_gradient_accumulation: false``); ``engine.step()`` then reduces, clips and steps.
+
+The local twin ``LocalAdamW`` (dp = 1, or ``zero_stage`` 0) is plain torch AdamW with the same clipping: it does
+not import DeepSpeed at all.
+
+Set-up facts (measured on CPU + gloo inside Ray actors): DeepSpeed asserts on ``LOCAL_RANK`` (Ray does not set
+it); its first communication set-up JIT-builds a shared-memory op (~60 s) used only for inference all-reduce,
+skipped by emptying ``deepspeed.ops.__compatible_ops__``; ``deepspeed.initialize`` then takes ~2 s.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from raymoe.config import OptimConfig
+from raymoe.train.optim import make_adamw
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerMemory:
+    state_bytes: int
+    """Adam moments (and step counters) this rank holds."""
+    master_bytes: int
+    """fp32 master weights the optimizer holds besides the model's own parameters (ZeRO's partition)."""
+
+    @property
+    def total_bytes(self) -> int:
+        return self.state_bytes + self.master_bytes
+
+
+class StageOptimizer(Protocol):
+    def step(self, lr: float) -> float:
+        """Reduce gradients over dp, clip by the global norm, update; returns the global norm before clipping."""
+        ...
+
+    def memory(self) -> OptimizerMemory: ...
+
+
+def build_optimizer(
+    module: nn.Module,
+    optim: OptimConfig,
+    *,
+    zero_stage: int,
+    dp_group,
+    pp_group,
+    not_in_norm: Collection[nn.Parameter] = (),
+    micro_batch_size: int = 1,
+    num_microbatches: int = 1,
+    backend: str = "gloo",
+    bf16_moments: bool = False,
+) -> StageOptimizer:
+    """DeepSpeed ZeRO when there is a dp group to partition over, else the plain-AdamW local twin."""
+    if dp_group is None or zero_stage == 0:
+        return LocalAdamW(
+            module, optim, dp_group=dp_group, pp_group=pp_group, not_in_norm=not_in_norm, bf16_moments=bf16_moments
+        )
+    return DeepSpeedZero(
+        module, optim, zero_stage=zero_stage, dp_group=dp_group, pp_group=pp_group, not_in_norm=not_in_norm,
+        micro_batch_size=micro_batch_size, num_microbatches=num_microbatches, backend=backend,
+        bf16_moments=bf16_moments,
+    )
+
+
+# -- global norm and clipping (shared by both optimizers) ---------------------------------------------------------
+def pipeline_norm(stage_sq: torch.Tensor, pp_group) -> torch.Tensor:
+    """sqrt of the squared stage norms summed over the pipeline group."""
+    total_sq = stage_sq.detach().float().clone()
+    if pp_group is not None:
+        dist.all_reduce(total_sq, group=pp_group)
+    return total_sq.sqrt()
+
+
+def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_'s factor: min(1, max_norm / (norm + 1e-6))."""
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(
+        t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+    )
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _adamw(module: nn.Module, optim: OptimConfig, bf16_moments: bool = False) -> torch.optim.Optimizer:
+    # The reference's groups (decay matrices, not vectors) and hyper-parameters, so the update is the same;
+    # ``bf16_moments`` is precision.bf16_optimizer_states (BF16 Adam moments, FP32 master weights).
+    return make_adamw(module.named_parameters(), optim, bf16_moments=bf16_moments)
+
+
+# -- the local twin --------------------------------------------------------------------------------------------
+class LocalAdamW:
+    """torch AdamW on this rank's parameters; gradients averaged over ``dp_group`` (if any) by all-reduce."""
+
+    def __init__(
+        self, module: nn.Module, optim: OptimConfig, *, dp_group, pp_group, not_in_norm=(), bf16_moments: bool = False
+    ) -> None:
+        self.optim = optim
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.dp_group = dp_group
+        self.pp_group = pp_group
+        skip = {id(p) for p in not_in_norm}
+        self.norm_params = [p for p in self.params if id(p) not in skip]
+        self.optimizer = _adamw(module, optim, bf16_moments)
+
+    def step(self, lr: float) -> float:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self.dp_group is not None:
+            from raymoe.parallel.groups import all_reduce_sum
+
+            all_reduce_sum(grads, self.dp_group)
+            for g in grads:
+                g.div_(dist.get_world_size(self.dp_group))
+        norms = [torch.linalg.vector_norm(p.grad) for p in self.norm_params if p.grad is not None]
+        stage_sq = torch.stack(norms).float().pow(2).sum() if norms else torch.zeros(())
+        total = pipeline_norm(stage_sq, self.pp_group)
+        if self.optim.grad_clip > 0:
+            coef = clip_coefficient(total, self.optim.grad_clip)
+            for g in grads:
+                g.mul_(coef.to(g.device, g.dtype))
+        _set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(total)
+
+    def memory(self) -> OptimizerMemory:
+        return OptimizerMemory(state_bytes=optimizer_state_bytes(self.optimizer), master_bytes=0)
+
+
+# -- DeepSpeed ZeRO ----------------------------------------------------------------------------------------------
+class _StageMpu:
+    """The duck-typed 'model parallel unit' DeepSpeed asks for groups: data parallel = this stage's replicas."""
+
+    def __init__(self, dp_group) -> None:
+        self._dp = dp_group
+
+    def get_data_parallel_group(self):
+        return self._dp
+
+    def get_data_parallel_world_size(self) -> int:
+        return dist.get_world_size(self._dp)
+
+    def get_data_parallel_rank(self) -> int:
+        return dist.get_rank(self._dp)
+
+    def get_model_parallel_group(self):
+        return None
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+
+def import_deepspeed(backend: str):
+    """Import DeepSpeed for an already initialised torch.distributed world (see the module docstring)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if backend == "gloo" else "cuda")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="raymoe-torch-extensions-")
+    import warnings
+
+    import deepspeed
+    import deepspeed.ops
+
+    # DeepSpeed still calls the deprecated all_gather_into_tensor; one warning per rank and step is noise.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
+
+    deepspeed.ops.__compatible_ops__ = {}  # skip the ~60 s JIT build of the inference-only shm all-reduce
+    deepspeed.utils.logger.setLevel(logging.WARNING)  # its INFO lines, once per rank, drown the progress bar
+    deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)
+    return deepspeed
+
+
+class DeepSpeedZero:
+    def __init__(
+        self,
+        module: nn.Module,
+        optim: OptimConfig,
+        *,
+        zero_stage: int,
+        dp_group,
+        pp_group,
+        not_in_norm: Collection[nn.Parameter] = (),
+        micro_batch_size: int,
+        num_microbatches: int,
+        backend: str = "gloo",
+        bf16_moments: bool = False,
+    ) -> None:
+        deepspeed = import_deepspeed(backend)
+        for p in not_in_norm:
+            p.ds_pipe_replicated = True  # DeepSpeed's own flag: skipped by its norm
+        ds_config = {
+            "train_micro_batch_size_per_gpu": micro_batch_size,
+            "gradient_accumulation_steps": num_microbatches,
+            "zero_optimization": {
+                "stage": zero_stage,
+                "overlap_comm": False,
+                "contiguous_gradients": True,
+                "reduce_bucket_size": 50_000_000,
+                "allgather_bucket_size": 50_000_000,
+            },
+            "managed_gradient_accumulation": False,
+            "gradient_clipping": 0.0,
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**62,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, self.zero, _, _ = deepspeed.initialize(
+            model=module, optimizer=_adamw(module, optim, bf16_moments), config=ds_config, mpu=_StageMpu(dp_group),
+            dist_init_required=False,
+        )
+        self._wrap_norm_and_clip(optim.grad_clip, pp_group)
+
+    def _wrap_norm_and_clip(self, max_norm: float, pp_group) -> None:
+        stage_norm = self.zero.scaled_global_norm
+        self._last_norm = torch.zeros(())
+
+        def global_norm(norm_type: int = 2) -> torch.Tensor:
+            norm = stage_norm(norm_type)
+            self._last_norm = pipeline_norm(norm.float() ** 2, pp_group).to(norm.device)
+            return self._last_norm
+
+        def clip(grad_groups_flat, total_norm) -> None:
+            if max_norm > 0:
+                coef = clip_coefficient(total_norm, max_norm)
+                for g in grad_groups_flat:
+                    g.mul_(coef.to(g.device, g.dtype))
+
+        # Instance attributes shadow the optimizer's methods; step() calls them by name.
+        self.zero.scaled_global_norm = global_norm
+        self.zero.unscale_and_clip_grads = clip
+
+    def step(self, lr: float) -> float:
+        _set_lr(self.zero.optimizer, lr)
+        # ZeRO sets up its reduction buffers from a gradient-accumulation hook. A zero-bubble W adds its deferred
+        # weight gradients to .grad directly (raymoe.parallel.weight_grad), so on a stage whose every backward
+        # was split that hook may never fire: set the buffers up here (a no-op when a hook already did).
+        self.zero.setup_buckets()
+        self.engine.step()
+        return float(self._last_norm)
+
+    def memory(self) -> OptimizerMemory:
+        master = sum(t.numel() * t.element_size() for t in self.zero.single_partition_of_fp32_groups)
+        return OptimizerMemory(state_bytes=optimizer_state_bytes(self.zero.optimizer), master_bytes=master)
