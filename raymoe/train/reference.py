@@ -21,8 +21,10 @@ from raymoe.train.optim import lr_at, make_adamw, set_lr
 
 
 class ReferenceTrainer:
-    def __init__(self, config: Config, *, batches=None, device: str = "cpu") -> None:
+    def __init__(self, config: Config, *, batches=None, device: str = "cpu", reduction_tree=None) -> None:
+        """``reduction_tree``: the order in which micro-batch gradients are added (see ``accumulate_gradients``)."""
         self.config = config
+        self.reduction_tree = reduction_tree
         self.device = torch.device(device)
         torch.manual_seed(config.run.seed)
         self.model = build_model(config, device=self.device)
@@ -57,7 +59,11 @@ class ReferenceTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         with compute_context(cfg, self.device):
             sums = accumulate_gradients(
-                self.model, tokens_BL.to(self.device), cfg.schedule.num_microbatches, mtp_weight
+                self.model,
+                tokens_BL.to(self.device),
+                cfg.schedule.num_microbatches,
+                mtp_weight,
+                reduction_tree=self.reduction_tree,
             )
         grad_norm = clip_gradients(self.model.parameters(), cfg.optim.grad_clip)
         self.optimizer.step()
@@ -88,20 +94,56 @@ class ReferenceTrainer:
         return record.to_dict()
 
 
-def accumulate_gradients(model, tokens_BL: torch.Tensor, num_microbatches: int, mtp_weight: float) -> dict:
-    """Forward/backward each micro-batch with loss / M; returns mean losses and summed expert counts (R, E)."""
+ReductionTree = list  # list[int] (micro-batch indices, summed in order) or list[ReductionTree] (sums of sums)
+
+
+def accumulate_gradients(
+    model, tokens_BL: torch.Tensor, num_microbatches: int, mtp_weight: float, *, reduction_tree=None
+) -> dict:
+    """Forward/backward each micro-batch with loss / M; returns mean losses and summed expert counts (R, E).
+
+    ``reduction_tree`` fixes the order in which micro-batch gradients are added (default: 0, 1, ..., M-1 into one
+    buffer). A distributed layout adds them in its own order -- each dp rank (and each DualPipe copy) accumulates
+    its own micro-batches, then the partial sums are all-reduced -- and fp32 addition is not associative, so a
+    parity check that wants bitwise-equal gradients gives the layout's tree, e.g. ``[[0, 1], [2, 3]]``.
+    """
     counts_RE = torch.zeros(model.num_routers(), model.cfg.num_routed_experts, dtype=torch.int64)
-    sums = {"main": 0.0, "mtp": 0.0, "balance": 0.0, "total": 0.0}
-    for micro_BL in tokens_BL.chunk(num_microbatches):
-        out = model(micro_BL, mtp_weight=mtp_weight)
-        (out.loss / num_microbatches).backward()
-        for key, value in (("main", out.main_loss), ("mtp", out.mtp_loss), ("balance", out.balance_loss)):
-            sums[key] += float(value) / num_microbatches
-        sums["total"] += float(out.loss.detach()) / num_microbatches
-        for stats in out.router_stats:
-            counts_RE[stats.slot] += stats.counts_E.cpu()
-    sums["counts_RE"] = counts_RE
+    sums = {"main": 0.0, "mtp": 0.0, "balance": 0.0, "total": 0.0, "counts_RE": counts_RE}
+    micro_batches = tokens_BL.chunk(num_microbatches)
+    tree = list(range(num_microbatches)) if reduction_tree is None else reduction_tree
+    _accumulate_tree(model, micro_batches, tree, num_microbatches, mtp_weight, sums)
     return sums
+
+
+def _accumulate_tree(model, micro_batches, tree, num_microbatches: int, mtp_weight: float, sums: dict) -> None:
+    if all(isinstance(node, int) for node in tree):
+        for index in tree:
+            _accumulate_one(model, micro_batches[index], num_microbatches, mtp_weight, sums)
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    outer = [p.grad for p in params]
+    partials = []
+    for child in tree:
+        for p in params:
+            p.grad = None
+        _accumulate_tree(model, micro_batches, child, num_microbatches, mtp_weight, sums)
+        partials.append([p.grad for p in params])
+    for p, before, parts in zip(params, outer, zip(*partials)):
+        total = before
+        for part in parts:
+            if part is not None:
+                total = part.clone() if total is None else total + part
+        p.grad = total
+
+
+def _accumulate_one(model, micro_BL: torch.Tensor, num_microbatches: int, mtp_weight: float, sums: dict) -> None:
+    out = model(micro_BL, mtp_weight=mtp_weight)
+    (out.loss / num_microbatches).backward()
+    for key, value in (("main", out.main_loss), ("mtp", out.mtp_loss), ("balance", out.balance_loss)):
+        sums[key] += float(value) / num_microbatches
+    sums["total"] += float(out.loss.detach()) / num_microbatches
+    for stats in out.router_stats:
+        sums["counts_RE"][stats.slot] += stats.counts_E.cpu()
 
 
 def clip_gradients(params, max_norm: float) -> float:
