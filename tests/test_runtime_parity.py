@@ -34,11 +34,12 @@ def layout(schedule: str, pp: int, dp: int, microbatches: int | None = None):
     return load_config("debug", overrides)
 
 
-# One layout sits just above 1e-5 on the update: at dualpipev pp=4 dp=2 the global gradient norm is summed in
-# another order (7.8e-8 relative), so the clip factor differs in its last bits, and for RMSNorm weights near 1.0
-# one fp32 ulp of the updated weight is ~4e-5 of that element's first update (measured 1.44e-5 on
-# layers.6.attn.q_norm.weight; the update from the workers' own gradients matches bitwise).
-UPDATE_TOLERANCE = {("dualpipev", 4, 2): 2e-5}
+# Two layouts sit at the fp32 floor of this metric: with dp=2 the global gradient norm is summed in another order
+# (~8e-8 relative), so the clip factor differs in its last bits, and for RMSNorm weights near 1.0 one fp32 ulp of
+# the updated weight is ~4e-5 of that element's first update (measured: dualpipev pp=4 dp=2 1.44e-5 on
+# layers.6.attn.q_norm.weight, dualpipev pp=2 dp=2 9.98e-6 on mtp.0.block.attn_norm.weight). The update from the
+# workers' own gradients matches bitwise in both (max_rel_update_diff_same_grads == 0).
+UPDATE_TOLERANCE = {("dualpipev", 4, 2): 2e-5, ("dualpipev", 2, 2): 2e-5}
 
 
 def check(report) -> None:
