@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from raymoe.config import load_config
 from raymoe.parallel.topology import Topology
@@ -27,8 +28,13 @@ SCHEDULES = ("gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev")
 
 def layout(schedule: str, pp: int, dp: int, microbatches: int | None = None):
     microbatches = microbatches or 2 * pp
-    overrides = [f"parallel.pp={pp}", f"parallel.dp={dp}", f"schedule.name={schedule}",
-                 f"schedule.num_microbatches={microbatches}", f"data.batch_size={max(8, dp * microbatches)}"]
+    overrides = [
+        f"parallel.pp={pp}",
+        f"parallel.dp={dp}",
+        f"schedule.name={schedule}",
+        f"schedule.num_microbatches={microbatches}",
+        f"data.batch_size={max(8, dp * microbatches)}",
+    ]
     if schedule == "dualpipev" and pp == 4:
         overrides.append("model.num_layers=8")  # 2 * pp chunks of >= 1 layer
     return load_config("debug", overrides)
@@ -86,3 +92,37 @@ def test_pp4_dualpipe(worker_groups):
 @pytest.mark.parametrize("pp", [2, 4])
 def test_full_matrix(worker_groups, schedule, pp, dp):
     check(run(worker_groups, layout(schedule, pp, dp)))
+
+
+def test_bf16_optimizer_states_through_deepspeed_zero(worker_groups):
+    """precision.bf16_optimizer_states: the ZeRO-1 partition's Adam moments are BF16 (half the bytes), the step
+    still tracks the fp32-moment run closely."""
+    from raymoe.runtime.driver import Driver
+
+    results = {}
+    for bf16 in (False, True):
+        config = load_config(
+            "debug",
+            [
+                "parallel.pp=1",
+                "parallel.dp=2",
+                "schedule.name=1f1b",
+                "schedule.num_microbatches=2",
+                f"precision.bf16_optimizer_states={'true' if bf16 else 'false'}",
+            ],
+        )
+        group = worker_groups.get(Topology(pp=1, ep=1, dp=2))
+        driver = Driver(config, worker_group=group).start()
+        try:
+            tokens = torch.randint(
+                0, 260, (config.data.batch_size, config.data.seq_len + 2), generator=torch.Generator().manual_seed(0)
+            )
+            reports = [driver.step(tokens) for _ in range(2)]
+        finally:
+            driver.finish()
+        results[bf16] = reports
+    fp32_bytes = [r.optimizer_state_bytes for r in results[False][-1].results]
+    bf16_bytes = [r.optimizer_state_bytes for r in results[True][-1].results]
+    for full, half in zip(fp32_bytes, bf16_bytes):
+        assert half == pytest.approx(full / 2, rel=0.02)
+    assert results[True][-1].record["loss"] == pytest.approx(results[False][-1].record["loss"], rel=1e-3)
