@@ -40,7 +40,8 @@ import torch.distributed as dist
 from torch import nn
 
 from raymoe.config import OptimConfig
-from raymoe.train.optim import make_adamw
+from raymoe.fp8 import optimizer_state_bytes
+from raymoe.train.optim import make_adamw, set_lr
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,17 +103,6 @@ def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(
-        t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
-    )
-
-
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
 def _adamw(module: nn.Module, optim: OptimConfig, bf16_moments: bool = False) -> torch.optim.Optimizer:
     # The reference's groups (decay matrices, not vectors) and hyper-parameters, so the update is the same;
     # ``bf16_moments`` is precision.bf16_optimizer_states (BF16 Adam moments, FP32 master weights).
@@ -149,7 +139,7 @@ class LocalAdamW:
             coef = clip_coefficient(total, self.optim.grad_clip)
             for g in grads:
                 g.mul_(coef.to(g.device, g.dtype))
-        _set_lr(self.optimizer, lr)
+        set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(total)
@@ -264,7 +254,7 @@ class DeepSpeedZero:
         self.zero.unscale_and_clip_grads = clip
 
     def step(self, lr: float) -> float:
-        _set_lr(self.zero.optimizer, lr)
+        set_lr(self.zero.optimizer, lr)
         # ZeRO sets up its reduction buffers from a gradient-accumulation hook. A zero-bubble W adds its deferred
         # weight gradients to .grad directly (raymoe.parallel.weight_grad), so on a stage whose every backward
         # was split that hook may never fire: set the buffers up here (a no-op when a hook already did).

@@ -52,8 +52,9 @@ class StagePlan:
 def plan_stages(num_layers: int, num_chunks: int, stage_layers: Sequence[int] = ()) -> StagePlan:
     """Cut ``num_layers`` into ``num_chunks`` chunks: ``stage_layers`` if given, else as even as possible.
 
-    The even split gives the leftover layers to the earliest chunks but never to the last one while another
-    chunk can take it: the last chunk already carries the output head and the MTP block(s).
+    The even split gives the leftover layers (fewer than ``num_chunks``) to the earliest chunks, so the last
+    chunk, which already carries the output head and the MTP block(s), never gets one. ``raymoe.plan``'s
+    ``split_layers`` cuts the same way (it stays torch-free, so it keeps its own copy of these two lines).
     """
     if num_chunks < 1:
         raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
@@ -68,8 +69,7 @@ def plan_stages(num_layers: int, num_chunks: int, stage_layers: Sequence[int] = 
         if num_layers < num_chunks:
             raise ValueError(f"cannot cut {num_layers} layers into {num_chunks} pipeline chunks of >= 1 layer")
         base, extra = divmod(num_layers, num_chunks)
-        receivers = list(range(num_chunks - 1)) if extra < num_chunks else list(range(num_chunks))
-        counts = [base + (1 if c in receivers[:extra] else 0) for c in range(num_chunks)]
+        counts = [base + (1 if c < extra else 0) for c in range(num_chunks)]
     ranges, start = [], 0
     for n in counts:
         ranges.append((start, start + n))

@@ -7,13 +7,13 @@ from raymoe.config import Config
 
 def open_batches(config: Config, *, dp_rank: int = 0, dp_size: int = 1, cursor=None):
     """A ``PackedBatches`` over ``data.path`` (or the embedded corpus) with MTP's extra tokens per sample."""
-    from raymoe.data import PackedBatches, TokenDataset, embedded_dataset
+    from raymoe.data import PackedBatches, load_dataset
 
-    path = config.data.path or embedded_dataset()
-    dataset = TokenDataset(path)
+    dataset = load_dataset(config.data.path)
     if dataset.vocab_size > config.model.vocab_size:
         raise ValueError(
-            f"dataset {str(path)!r} has vocab_size {dataset.vocab_size} > model.vocab_size {config.model.vocab_size}"
+            f"dataset {str(dataset.path)!r} has vocab_size {dataset.vocab_size} > "
+            f"model.vocab_size {config.model.vocab_size}"
         )
     return PackedBatches(
         dataset,
