@@ -41,8 +41,14 @@ def test_dotlist_overrides():
         (["routing.num_groups=3"], r"divisible by routing.num_groups \(3\)"),
         (["parallel.ep=3", "parallel.dp=3"], r"num_routed_experts \(8\) must be divisible by parallel.ep \(3\)"),
         (["parallel.dp=3"], r"data.batch_size \(8\) must be divisible by parallel.dp"),
-        (["parallel.pp=3", "schedule.name=dualpipe", "schedule.num_microbatches=8"], r"even parallel.pp, got pp=3"),
-        (["parallel.pp=2", "schedule.name=dualpipev", "schedule.num_microbatches=2"], r">= 2 \* parallel.pp"),
+        (
+            ["parallel.pp=3", "schedule.name=dualpipe", "schedule.num_microbatches=8"],
+            r"schedule.name=dualpipe, parallel.pp=3: dualpipe needs an even pp .*got pp=3",
+        ),
+        (
+            ["parallel.pp=2", "schedule.name=dualpipev", "schedule.num_microbatches=2"],
+            r"schedule.name=dualpipev, parallel.pp=2: .*num_microbatches >= 2\*pp = 4, got num_microbatches=2",
+        ),
         (["schedule.name=pipedream"], r"schedule.name must be one of"),
         (["precision.dtype=fp16"], r"precision.dtype must be one of"),
         (["data.seq_len=1000"], r"data.seq_len \(1000\) exceeds model.max_seq_len"),

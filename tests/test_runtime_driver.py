@@ -20,7 +20,7 @@ def _config(*overrides: str):
 
 # -- refused early, with the values named (no Ray needed) --------------------------------------------------------
 def test_odd_pp_for_dualpipe_is_refused():
-    with pytest.raises(ValueError, match="dualpipe needs an even parallel.pp, got pp=3"):
+    with pytest.raises(ValueError, match="parallel.pp=3: dualpipe needs an even pp .*got pp=3"):
         _config("parallel.pp=3", "schedule.name=dualpipe", "schedule.num_microbatches=6", "data.batch_size=12")
 
 
