@@ -56,7 +56,11 @@ class Gate(nn.Module):
 
 
 def run_routed_experts(
-    experts: nn.ModuleList, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor, weights_NK: torch.Tensor
+    experts: nn.ModuleList,
+    x_ND: torch.Tensor,
+    topk_ids_NK: torch.Tensor,
+    weights_NK: torch.Tensor,
+    counts_E: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Local (single-device) dispatch: sort token copies by expert, run each expert once, combine.
 
@@ -66,7 +70,9 @@ def run_routed_experts(
     top_k = topk_ids_NK.shape[1]
     flat_ids = topk_ids_NK.flatten()
     order = flat_ids.argsort(stable=True)
-    counts = torch.bincount(flat_ids, minlength=len(experts)).tolist()
+    if counts_E is None:
+        counts_E = expert_counts(topk_ids_NK, len(experts))
+    counts = counts_E.tolist()
     token_of_copy = order // top_k
     x_sorted = x_ND[token_of_copy]
     outputs = [expert(chunk) for expert, chunk in zip(experts, x_sorted.split(counts))]
@@ -90,8 +96,9 @@ class MoE(nn.Module):
         balance_loss = sequence_balance_loss(
             scores_NE.view(batch, seq_len, -1), topk_ids_NK.view(batch, seq_len, -1), alpha=self.alpha
         )
-        y_ND = run_routed_experts(self.experts, x_ND, topk_ids_NK, weights_NK)
+        counts_E = expert_counts(topk_ids_NK, self.num_experts)
+        y_ND = run_routed_experts(self.experts, x_ND, topk_ids_NK, weights_NK, counts_E)
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)
-        stats = RouterStats(self.gate.slot, expert_counts(topk_ids_NK, self.num_experts).detach(), balance_loss)
+        stats = RouterStats(self.gate.slot, counts_E, balance_loss)
         return y_ND.view(batch, seq_len, dim), stats
