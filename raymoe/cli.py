@@ -19,6 +19,7 @@ _COMMANDS = (
     ("parity", "parity", "parity"),
     ("bench", "bench", "bench"),
     ("report", "report", "report"),
+    ("checkpoint", "checkpoint", "checkpoint"),
 )
 
 

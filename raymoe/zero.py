@@ -63,6 +63,12 @@ class StageOptimizer(Protocol):
 
     def memory(self) -> OptimizerMemory: ...
 
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to continue this rank's optimizer exactly (safe for ``weights_only`` loads)."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
 
 def build_optimizer(
     module: nn.Module,
@@ -146,6 +152,14 @@ class LocalAdamW:
 
     def memory(self) -> OptimizerMemory:
         return OptimizerMemory(state_bytes=optimizer_state_bytes(self.optimizer), master_bytes=0)
+
+    def state_dict(self) -> dict:
+        """AdamW's moments and step counts (tensors and plain containers: loadable with ``weights_only``)."""
+        return {"kind": "adamw", "adamw": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_kind(state, "adamw")
+        self.optimizer.load_state_dict(state["adamw"])
 
 
 # -- DeepSpeed ZeRO ----------------------------------------------------------------------------------------------
@@ -265,3 +279,38 @@ class DeepSpeedZero:
     def memory(self) -> OptimizerMemory:
         master = sum(t.numel() * t.element_size() for t in self.zero.single_partition_of_fp32_groups)
         return OptimizerMemory(state_bytes=optimizer_state_bytes(self.zero.optimizer), master_bytes=master)
+
+    def state_dict(self) -> dict:
+        """This rank's partition: its flat fp32 master weights and the AdamW state over them.
+
+        Not DeepSpeed's own ``state_dict()``, which pickles DeepSpeed objects (its loss scaler) and could then only
+        be read by unpickling arbitrary classes; the model's parameters are saved beside this, in the same shard.
+        """
+        return {
+            "kind": "deepspeed-zero",
+            "dp_rank": dist.get_rank(self.zero.dp_process_group),
+            "dp_size": dist.get_world_size(self.zero.dp_process_group),
+            "master": [t.detach().clone() for t in self.zero.single_partition_of_fp32_groups],
+            "adamw": self.zero.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_kind(state, "deepspeed-zero")
+        dp_size = dist.get_world_size(self.zero.dp_process_group)
+        if state["dp_size"] != dp_size or state["dp_rank"] != dist.get_rank(self.zero.dp_process_group):
+            raise ValueError(f"ZeRO partition {state['dp_rank']}/{state['dp_size']} cannot load into rank "
+                             f"{dist.get_rank(self.zero.dp_process_group)}/{dp_size}")
+        live = self.zero.single_partition_of_fp32_groups
+        shapes = [tuple(t.shape) for t in state["master"]]
+        if shapes != [tuple(t.shape) for t in live]:
+            raise ValueError(f"ZeRO master partition shapes {shapes} != this rank's {[tuple(t.shape) for t in live]}")
+        with torch.no_grad():
+            for target, saved in zip(live, state["master"]):
+                target.copy_(saved)
+        self.zero.optimizer.load_state_dict(state["adamw"])
+
+
+def _check_kind(state: dict, kind: str) -> None:
+    if not isinstance(state, dict) or state.get("kind") != kind:
+        found = state.get("kind") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"optimizer state of kind {found!r} cannot be loaded into a {kind!r} optimizer")

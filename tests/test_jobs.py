@@ -68,12 +68,13 @@ def wait_for(head: LocalHead, submission_id: str, statuses: set[str], timeout_s:
         time.sleep(1.0)
 
 
-def submit(head: LocalHead, submission_id: str, *train_args: str) -> None:
-    metadata = {"raymoe_config": SMOKE, "description": "raymoe CPU smoke job (tests/test_jobs.py)"}
+def submit(head: LocalHead, submission_id: str, *train_args: str, config: str | None = SMOKE) -> None:
+    metadata = {"raymoe_config": str(config), "description": "raymoe CPU smoke job (tests/test_jobs.py)"}
+    config_args = ("--config", config) if config else ()
     result = ray_job(head, "submit", "--no-wait", "--submission-id", submission_id,
                      "--metadata-json", json.dumps(metadata),
                      "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml",
-                     "--", "python", "-m", "raymoe", "train", "--config", SMOKE, *train_args)
+                     "--", "python", "-m", "raymoe", "train", *config_args, *train_args)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -102,7 +103,7 @@ def test_cpu_smoke_job_succeeds(head, tmp_path):
     assert report.summary_path.is_file()
 
 
-def test_stopped_job_leaves_an_intact_run_directory(head, tmp_path):
+def test_stopped_job_leaves_an_intact_run_directory_and_a_usable_checkpoint(head, tmp_path):
     run_dir = tmp_path / "stopped"
     submission_id = f"raymoe-cpu-stop-{uuid.uuid4().hex[:6]}"
     submit(head, submission_id, "--out", str(run_dir), "--steps", "100000")
@@ -134,3 +135,21 @@ def test_stopped_job_leaves_an_intact_run_directory(head, tmp_path):
     assert pq.read_table(run_dir / "metrics.parquet").num_rows == len(complete)
     text = write_report(run_dir).summary_path.read_text()  # the stopped run still gets its report
     assert f"{len(complete)} steps" in text
+
+    # SIGTERM let the step in flight finish and saved a checkpoint of exactly the steps logged.
+    from raymoe.checkpoint import Manifest, resolve_checkpoint
+
+    logs = ray_job(head, "logs", submission_id).stdout
+    assert f"stopped by SIGTERM after step {len(complete)}" in logs, logs[-3000:]
+    checkpoint = resolve_checkpoint(run_dir)
+    assert Manifest.read(checkpoint).step == len(complete)
+
+    # ... and it is usable: a second job resumes the run and takes it two steps further.
+    resumed_id = f"raymoe-cpu-resume-{uuid.uuid4().hex[:6]}"
+    target = len(complete) + 2
+    submit(head, resumed_id, "--resume", str(run_dir), "--steps", str(target), config=None)
+    wait_for(head, resumed_id, {"SUCCEEDED"})
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(target))
+    events = [json.loads(line)["event"] for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert events[:3] == ["checkpoint", "stopped", "resumed"]

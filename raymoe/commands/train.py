@@ -1,4 +1,4 @@
-"""``raymoe train``: the main job."""
+"""``raymoe train``: the main job (and ``--resume`` to continue a saved run)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ import click
 @click.command(context_settings={"ignore_unknown_options": False})
 @click.option("--preset", default=None, help="Config preset: debug, small, 16b, 236b, 671b (default: small).")
 @click.option("--config", "config_file", default=None, type=click.Path(), help="YAML config file (may name a preset).")
-@click.option("--steps", type=int, default=None, help="Optimizer steps (run.steps).")
+@click.option("--steps", type=int, default=None, help="Optimizer steps (run.steps); with --resume, the step to reach.")
 @click.option("--out", "out_dir", default=None, help="Run directory (run.out_dir).")
 @click.option("--address", default=None, help="Ray cluster address ('auto' joins a running cluster).")
+@click.option("--checkpoint-every", type=int, default=None,
+              help="Save a checkpoint every K steps and at the end (run.checkpoint_every; 0: only when stopped).")
+@click.option("--resume", "resume", default=None, type=click.Path(),
+              help="Continue a saved run: a run directory, its checkpoints/ directory or one step-*/ checkpoint. "
+                   "The run's own config is used; OVERRIDES may change only optim/routing/run settings.")
 @click.option(
     "--engine",
     type=click.Choice(["ray", "local"]),
@@ -19,34 +24,54 @@ import click
     help="ray: workers are Ray actors; local: the single-process reference trainer in this process.",
 )
 @click.argument("overrides", nargs=-1)
-def train(preset, config_file, steps, out_dir, address, engine, overrides) -> None:
+def train(preset, config_file, steps, out_dir, address, checkpoint_every, resume, engine, overrides) -> None:
     """Train a model. OVERRIDES are key=value pairs, e.g. model.num_layers=6 optim.lr=3e-4."""
     from raymoe.config import load_config
 
     extra = list(overrides)
-    if steps is not None:
-        extra.append(f"run.steps={steps}")
-    if out_dir is not None:
-        extra.append(f"run.out_dir={out_dir}")
-    if address is not None:
-        extra.append(f"run.ray_address={address}")
-    if preset is None and config_file is None:
-        preset = "small"
+    for key, value in (("run.steps", steps), ("run.out_dir", out_dir), ("run.ray_address", address),
+                       ("run.checkpoint_every", checkpoint_every)):
+        if value is not None:
+            extra.append(f"{key}={value}")
+    checkpoint = None
     try:
-        config = load_config(preset, extra, config_file)
+        if resume is not None:
+            checkpoint, config = _resumed_config(resume, preset, config_file, extra)
+        else:
+            config = load_config(preset or ("small" if config_file is None else None), extra, config_file)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     if engine == "local":
+        if checkpoint is not None or config.run.checkpoint_every:
+            raise click.BadParameter("checkpoints are saved and resumed by the Ray engine; drop --engine local "
+                                     "(or --resume / --checkpoint-every)")
         from raymoe.train import train_local
 
         records = train_local(config)
     else:
         from raymoe.runtime.launch import train_ray
 
-        records = train_ray(config)
+        try:
+            records = train_ray(config, resume=checkpoint)
+        except ValueError as exc:  # refused before any step ran (layout, cluster size, checkpoint)
+            raise click.ClickException(str(exc)) from exc
     if records:
         last = records[-1]
+        ended = "done" if last["step"] + 1 >= config.run.steps else "stopped"
         click.echo(
-            f"done: {len(records)} steps, loss {records[0]['loss']:.3f} -> {last['loss']:.3f}, "
+            f"{ended}: {last['step'] + 1} steps, loss {records[0]['loss']:.3f} -> {last['loss']:.3f}, "
             f"run directory {config.run.out_dir}"
         )
+
+
+def _resumed_config(resume, preset, config_file, overrides):
+    """(checkpoint directory, config): the saved run's config with ``overrides``; the run directory stays the
+    saved one unless --out moves it."""
+    from raymoe.checkpoint import Manifest, resolve_checkpoint
+    from raymoe.checkpoint.compat import config_of
+
+    if preset is not None or config_file is not None:
+        raise ValueError("--resume continues a run with its own saved config; drop --preset/--config "
+                         "(key=value overrides still apply)")
+    checkpoint = resolve_checkpoint(resume)
+    return checkpoint, config_of(Manifest.read(checkpoint), overrides)

@@ -1,4 +1,4 @@
-from raymoe.config.loader import PRESETS, load_config, to_dict, to_yaml
+from raymoe.config.loader import PRESETS, config_from_yaml, load_config, to_dict, to_yaml
 from raymoe.config.schema import (
     Config,
     DataConfig,
@@ -24,6 +24,7 @@ __all__ = [
     "RoutingConfig",
     "RunConfig",
     "ScheduleConfig",
+    "config_from_yaml",
     "load_config",
     "to_dict",
     "to_yaml",

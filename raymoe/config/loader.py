@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from importlib import resources
@@ -55,6 +56,14 @@ def load_config(
     except OmegaConfBaseException as exc:
         # omegaconf's messages carry the full key and value; re-raise as the ValueError users expect.
         raise ValueError(str(exc).split("\n    full_key")[0] + f" (key: {getattr(exc, 'full_key', '?')})") from exc
+
+
+def config_from_yaml(text: str, overrides: Sequence[str] = ()) -> Config:
+    """A config saved with ``to_yaml`` (a run directory's config.yaml, a checkpoint manifest), plus overrides."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(text)
+        return load_config(None, overrides, path)
 
 
 def to_yaml(config: Config) -> str:

@@ -264,9 +264,23 @@ class RunConfig:
     name: str = "raymoe"
     ray_address: str = ""
     """Empty starts a local Ray instance; ``auto`` (or RAY_ADDRESS) joins a running cluster."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every this many steps and at the end of the run; 0 saves only when stopped."""
+    checkpoint_on_stop: bool = True
+    """SIGTERM (``ray job stop``) or Ctrl-C: finish the running step, save a checkpoint, then exit."""
+    keep_checkpoints: int = 3
+    """Complete checkpoints kept; older ones are deleted only after a newer one is committed."""
+    checkpoint_dir: str = ""
+    """Where checkpoints go; empty means ``<out_dir>/checkpoints``. Every worker writes its own shard there, so
+    on a multi-node cluster it must be storage all nodes share."""
 
     def __post_init__(self) -> None:
-        _positive("run", steps=self.steps, log_every=self.log_every)
+        _positive("run", steps=self.steps, log_every=self.log_every, keep_checkpoints=self.keep_checkpoints)
+        _non_negative("run", checkpoint_every=self.checkpoint_every)
+
+    @property
+    def checkpoint_root(self) -> str:
+        return self.checkpoint_dir or f"{self.out_dir.rstrip('/')}/checkpoints"
 
 
 @dataclass(frozen=True, kw_only=True)

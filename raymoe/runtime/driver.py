@@ -2,7 +2,7 @@
 
     INITIALIZING --start()--> RUNNING --finish()--> FINISHED
          |                     |   ^
-         |                     |   +-- CHECKPOINTING (checkpoint issue) / RECOVERING (reliability issue)
+         |                     |   +-- CHECKPOINTING (save_checkpoint) / RECOVERING (not used yet)
          +------ error --------+--> ERRORED   (or RECOVERING, if the injected failure policy says so)
 
 Everything that can be checked without a cluster is checked in the constructor (``validate_layout``), and the
@@ -23,11 +23,14 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from raymoe.config import Config
+from raymoe.checkpoint import CheckpointStore, Layout, Manifest, ShardEntry
+from raymoe.checkpoint.compat import check_compatible, config_of
+from raymoe.config import Config, to_yaml
 from raymoe.model import router_slots
 from raymoe.parallel.stage_plan import StagePlan, plan_stages
 from raymoe.parallel.topology import Topology
@@ -194,6 +197,75 @@ class Driver:
             except Exception:  # the group's owner decides what to do with broken workers
                 pass
 
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def save_checkpoint(self, store: CheckpointStore) -> Path:
+        """RUNNING -> CHECKPOINTING -> RUNNING: every worker writes its shard, then the manifest commits them."""
+        if self.state is not DriverState.RUNNING:
+            raise RuntimeError(f"save_checkpoint() in state {self.state.value}")
+        self._transition(DriverState.CHECKPOINTING, f"step {self.step_index}")
+        try:
+            staging = store.begin(self.step_index)
+            entries = self.worker_group.execute("save_checkpoint_shard", self.key, str(staging))
+            manifest = Manifest(
+                step=self.step_index, tokens_seen=self.tokens_seen, data_cursor=self.batches.cursor.to_dict(),
+                routing_bias_RE=self.routing_bias_RE.tolist(), config_yaml=to_yaml(self.config),
+                layout=Layout.of(self.config), shards=[ShardEntry(**e) for e in entries], created_unix=time.time(),
+                versions={"raymoe": _version(), "torch": torch.__version__},
+            )
+            path = store.commit(staging, manifest)
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        self._transition(DriverState.RUNNING, f"saved {path}")
+        return path
+
+    def check_checkpoint_storage(self, store: CheckpointStore) -> None:
+        """Every worker writes its shard into ``store.root``: refuse a directory some workers cannot see (node-local
+        storage on a multi-node cluster) now, instead of at the first save hours later."""
+        import socket
+
+        store.root.mkdir(parents=True, exist_ok=True)
+        probe = store.root / f".probe-{uuid.uuid4().hex[:8]}"
+        probe.write_text(socket.gethostname())
+        try:
+            seen = self.worker_group.execute("sees_file", str(probe))
+        finally:
+            probe.unlink(missing_ok=True)
+        blind = [rank for rank, ok in enumerate(seen) if not ok]
+        if blind:
+            raise ValueError(
+                f"run.checkpoint_dir {str(store.root)!r} is not visible to workers {blind}: on a multi-node cluster "
+                f"checkpoints need storage every node mounts (set run.checkpoint_dir to such a path)"
+            )
+
+    def restore(self, checkpoint: Path) -> Manifest:
+        """Load a checkpoint saved with this layout into the started workers and this driver; returns its manifest."""
+        from raymoe.data import Cursor
+        from raymoe.train.batches import open_batches
+
+        if self.state is not DriverState.RUNNING or self.step_index:
+            raise RuntimeError(f"restore() needs a freshly started driver (state {self.state.value}, "
+                               f"step {self.step_index})")
+        manifest = Manifest.read(checkpoint)
+        check_compatible(config_of(manifest), self.config, source=str(checkpoint))
+        bias_RE = torch.tensor(manifest.routing_bias_RE, dtype=torch.float32)
+        if bias_RE.shape != self.routing_bias_RE.shape:
+            raise ValueError(f"{checkpoint}: routing biases of shape {tuple(bias_RE.shape)}, the model has "
+                             f"{tuple(self.routing_bias_RE.shape)}")
+        cursor = Cursor.from_dict(manifest.data_cursor)
+        shards = sorted(manifest.shards, key=lambda e: e.rank)
+        try:
+            self.worker_group.execute_each(
+                "load_checkpoint_shard", [(self.key, str(checkpoint), e.file, e.sha256) for e in shards]
+            )
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        self.step_index, self.tokens_seen, self.routing_bias_RE = manifest.step, manifest.tokens_seen, bias_RE
+        self._batches = open_batches(self.config, cursor=cursor)
+        self.history.append(_Transition(self.state, time.time(), f"restored {checkpoint}"))
+        return manifest
+
     # -- steps ---------------------------------------------------------------------------------------------------
     @property
     def batches(self):
@@ -292,3 +364,12 @@ class Driver:
                 "peak_live_activations_per_rank": [r.peak_live_activations for r in results],
             },
         ).to_dict()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("raymoe")
+    except PackageNotFoundError:
+        return "unknown"

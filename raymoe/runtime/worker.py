@@ -16,6 +16,7 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -123,6 +124,31 @@ class Worker:
 
     def parameters(self, key: str) -> dict[str, torch.Tensor]:
         return {n: t.detach().cpu().clone() for n, t in self.layouts[key].stage.named_parameters()}
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def save_checkpoint_shard(self, key: str, directory: str) -> dict:
+        """Write this rank's shard (stage parameters, optimizer partition, RNG) into the staging ``directory``."""
+        from raymoe.checkpoint import save_shard
+
+        layout = self.layouts[key]
+        entry = save_shard(Path(directory), self.rank, model=dict(layout.stage.named_parameters()),
+                           optimizer=layout.optimizer.state_dict())
+        return {"rank": self.rank, "pp_rank": self.coord.pp_rank, "dp_rank": self.coord.dp_rank, **entry}
+
+    def sees_file(self, path: str) -> bool:
+        """Whether a file the driver just wrote is visible here (is the checkpoint directory shared storage?)."""
+        return Path(path).is_file()
+
+    def load_checkpoint_shard(self, key: str, directory: str, file: str, sha256: str) -> None:
+        """Check and load this rank's shard into the loaded layout ``key`` (parameters, optimizer, RNG)."""
+        from raymoe.checkpoint import copy_parameters, load_shard, set_rng_state
+
+        layout = self.layouts[key]
+        path = Path(directory) / file
+        payload = load_shard(path, rank=self.rank, sha256=sha256)
+        copy_parameters(dict(layout.stage.named_parameters()), payload["model"], source=str(path))
+        layout.optimizer.load_state_dict(payload["optimizer"])
+        set_rng_state(payload["rng"])
 
     # -- one step ----------------------------------------------------------------------------------------------
     def run_step(self, key: str, inputs: StepInputs) -> StepResult:

@@ -6,24 +6,60 @@ JSONL is appended and flushed every step so a crashed or stopped run keeps every
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+from raymoe.checkpoint.files import write_text_atomic
 from raymoe.config import Config, to_yaml
 
 
 class RunDir:
-    def __init__(self, path: str | Path, config: Config) -> None:
+    def __init__(self, path: str | Path, config: Config, *, resume_step: int | None = None) -> None:
+        """A new run directory, or with ``resume_step`` the continuation of the run saved there: its metrics of
+        steps before ``resume_step`` are kept and new ones appended; records of later steps (logged after that
+        checkpoint was saved, and about to be trained again) move to ``metrics.superseded.jsonl``."""
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "config.yaml").write_text(to_yaml(config))
         self.metrics_path = self.path / "metrics.jsonl"
         self._records: list[dict] = []
-        self._file = self.metrics_path.open("w")
+        if resume_step is None:
+            self._file = self.metrics_path.open("w")
+        else:
+            self._records = self._keep_before(resume_step)
+            self._file = self.metrics_path.open("a")
+
+    def _keep_before(self, step: int) -> list[dict]:
+        if not self.metrics_path.is_file():
+            return []
+        kept: list[dict] = []
+        later: list[str] = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the line being written when the run was killed
+                later.append(line)
+                continue
+            if record.get("step", step) < step:
+                kept.append(record)
+            else:
+                later.append(line)
+        if later:
+            with (self.path / "metrics.superseded.jsonl").open("a") as f:
+                f.write("\n".join(later) + "\n")
+            text = "".join(json.dumps(r) + "\n" for r in kept)
+            write_text_atomic(self.metrics_path, text)
+        return kept
 
     def log(self, record: dict) -> None:
         self._records.append(record)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+
+    def event(self, kind: str, **fields) -> None:
+        """One line in ``events.jsonl``: checkpoints saved, stops, resumes (what happened besides steps)."""
+        with (self.path / "events.jsonl").open("a") as f:
+            f.write(json.dumps({"event": kind, "unix": time.time(), **fields}) + "\n")
 
     @property
     def records(self) -> list[dict]:
