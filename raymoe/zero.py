@@ -9,12 +9,15 @@ replicated size (``OptimizerMemory``; the tests check it halves from dp=1 to dp=
 Two things DeepSpeed does not do for our pipeline, done here:
 
 * **Global gradient clipping.** The clip coefficient must come from the norm of the *whole* model's gradient,
-  which is spread over the pipeline stages. DeepSpeed computes the norm of one engine (one stage); we wrap that
-  computation with one all-reduce of the squared stage norm over the pipeline group, and clip exactly as
-  ``torch.nn.utils.clip_grad_norm_`` does (``min(1, max_norm / (norm + 1e-6))``). Replicated parameters (the
-  tied embedding copy, DualPipe's mirrored copy) are marked ``ds_pipe_replicated`` so they are counted once.
-  (Handing DeepSpeed the pipeline group as its "model parallel" group would also make the norm global, but
-  hangs when stages have different parameter groups; cf. DeepSpeed issue #6714.)
+  which is spread over the pipeline stages. DeepSpeed computes the norm of one engine (one stage), and rounds
+  it to fp32 between its steps (per partition, after the dp all-reduce, per parameter group), so a layout's
+  norm would differ from the reference's in its last bits and so would the clip factor (``raymoe.train.clip``
+  says why that matters). We replace that computation: the squares of this rank's partition of the averaged
+  gradients summed in float64 (``squared_norm``), one all-reduce over the stage's dp group and one over the
+  pipeline group, and the factor of ``clip_coefficient`` -- the sum and factor the reference computes.
+  Replicated parameters (the tied embedding copy, DualPipe's mirrored copy) are marked ``ds_pipe_replicated``
+  so they are counted once. (Handing DeepSpeed the pipeline group as its "model parallel" group would also make
+  the norm global, but hangs when stages have different parameter groups; cf. DeepSpeed issue #6714.)
 * **Caller-owned accumulation.** The pipeline executor runs the backward passes itself
   (``managed_gradient_accumulation: false``); ``engine.step()`` then reduces, clips and steps.
 
@@ -41,6 +44,7 @@ from torch import nn
 
 from raymoe.config import OptimConfig
 from raymoe.fp8 import optimizer_state_bytes
+from raymoe.train.clip import clip_coefficient, squared_norm
 from raymoe.train.optim import make_adamw, set_lr
 
 
@@ -97,16 +101,11 @@ def build_optimizer(
 
 # -- global norm and clipping (shared by both optimizers) ---------------------------------------------------------
 def pipeline_norm(stage_sq: torch.Tensor, pp_group) -> torch.Tensor:
-    """sqrt of the squared stage norms summed over the pipeline group."""
-    total_sq = stage_sq.detach().float().clone()
+    """sqrt of the squared stage norms (float64, ``squared_norm``) summed over the pipeline group, in float64."""
+    total_sq = stage_sq.detach().to(torch.float64).clone()
     if pp_group is not None:
         dist.all_reduce(total_sq, group=pp_group)
     return total_sq.sqrt()
-
-
-def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_'s factor: min(1, max_norm / (norm + 1e-6))."""
-    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
 
 
 def _adamw(module: nn.Module, optim: OptimConfig, bf16_moments: bool = False) -> torch.optim.Optimizer:
@@ -138,8 +137,8 @@ class LocalAdamW:
             all_reduce_sum(grads, self.dp_group)
             for g in grads:
                 g.div_(dist.get_world_size(self.dp_group))
-        norms = [torch.linalg.vector_norm(p.grad) for p in self.norm_params if p.grad is not None]
-        stage_sq = torch.stack(norms).float().pow(2).sum() if norms else torch.zeros(())
+        device = self.params[0].device if self.params else "cpu"
+        stage_sq = squared_norm((p.grad for p in self.norm_params if p.grad is not None), device=device)
         total = pipeline_norm(stage_sq, self.pp_group)
         if self.optim.grad_clip > 0:
             coef = clip_coefficient(total, self.optim.grad_clip)
@@ -246,15 +245,33 @@ class DeepSpeedZero:
             model=module, optimizer=_adamw(module, optim, bf16_moments), config=ds_config, mpu=_StageMpu(dp_group),
             dist_init_required=False,
         )
-        self._wrap_norm_and_clip(optim.grad_clip, pp_group)
+        self._wrap_norm_and_clip(optim.grad_clip, dp_group, pp_group)
 
-    def _wrap_norm_and_clip(self, max_norm: float, pp_group) -> None:
-        stage_norm = self.zero.scaled_global_norm
-        self._last_norm = torch.zeros(())
+    def _wrap_norm_and_clip(self, max_norm: float, dp_group, pp_group) -> None:
+        zero = self.zero
+        # The override reads averaged_gradients: CPU offload keeps its gradients elsewhere, and DeepSpeed MoE groups
+        # would need their norms averaged over their own groups. Neither is configured here; refuse, not mis-clip.
+        if zero.has_moe_layers or zero.cpu_offload:
+            raise NotImplementedError("the global-norm override handles neither DeepSpeed MoE parameter groups nor "
+                                      f"CPU offload (has_moe_layers={zero.has_moe_layers}, "
+                                      f"cpu_offload={zero.cpu_offload})")
+        self._last_norm = torch.zeros((), dtype=torch.float64)
+
+        def partition_grads():
+            # What DeepSpeed's get_grad_norm_direct reads: this rank's slices of the dp-averaged gradients of each
+            # group, padding skipped, paired with their parameters (so that replicas can be skipped).
+            for i in range(len(zero.bit16_groups)):
+                grads = (g for g in zero.averaged_gradients[i] if not getattr(g, "_zero_padding", False))
+                for g, p in zip(grads, zero.params_in_partition[i]):
+                    if not getattr(p, "ds_pipe_replicated", False):
+                        yield g
 
         def global_norm(norm_type: int = 2) -> torch.Tensor:
-            norm = stage_norm(norm_type)
-            self._last_norm = pipeline_norm(norm.float() ** 2, pp_group).to(norm.device)
+            if norm_type != 2:
+                raise ValueError(f"only the L2 gradient norm is supported, got norm_type={norm_type}")
+            partition_sq = squared_norm(partition_grads(), device=zero.device)
+            dist.all_reduce(partition_sq, group=dp_group)  # the stage's partitions
+            self._last_norm = pipeline_norm(partition_sq, pp_group)
             return self._last_norm
 
         def clip(grad_groups_flat, total_norm) -> None:

@@ -7,8 +7,11 @@ Tolerances (fp32), the issue's: loss 1e-6 relative, gradients and first-step par
 norm difference per tensor). The reference adds the micro-batch gradients in the layout's order
 (``raymoe.runtime.parity.reduction_tree``: per dp shard, per DualPipe copy, then the all-reduce sums): fp32
 addition is not associative, and AdamW's first step ``lr * g / (|g| + eps)`` turns a 1e-7 reordering difference
-of a gradient element within a few eps of zero into a visible update difference. The optimizer path itself is
-checked on the workers' own gradients (``max_rel_update_diff_same_grads``).
+of a gradient element within a few eps of zero into a visible update difference. For the same reason both sides
+sum the global gradient norm in float64 (``raymoe.train.clip``): summed in fp32 per ZeRO partition, dp rank and
+stage, it moved the clip factor by one ulp in three dp=2 layouts, and that alone put RMSNorm weights (near 1.0,
+where one fp32 ulp is ~1e-5 of a first update) at 1e-5. The optimizer path itself is checked on the workers' own
+gradients (``max_rel_update_diff_same_grads``).
 """
 
 from __future__ import annotations
@@ -40,14 +43,6 @@ def layout(schedule: str, pp: int, dp: int, microbatches: int | None = None):
     return load_config("debug", overrides)
 
 
-# Two layouts sit at the fp32 floor of this metric: with dp=2 the global gradient norm is summed in another order
-# (~8e-8 relative), so the clip factor differs in its last bits, and for RMSNorm weights near 1.0 one fp32 ulp of
-# the updated weight is ~4e-5 of that element's first update (measured: dualpipev pp=4 dp=2 1.44e-5 on
-# layers.6.attn.q_norm.weight, dualpipev pp=2 dp=2 9.98e-6 on mtp.0.block.attn_norm.weight). The update from the
-# workers' own gradients matches bitwise in both (max_rel_update_diff_same_grads == 0).
-UPDATE_TOLERANCE = {("dualpipev", 4, 2): 2e-5, ("dualpipev", 2, 2): 2e-5}
-
-
 def check(report) -> None:
     print(json.dumps({k: v for k, v in report.to_dict().items() if k not in ("losses", "losses_ref")}))
     assert report.loss_rel_diff < 1e-6, report
@@ -55,7 +50,7 @@ def check(report) -> None:
     assert report.max_rel_grad_diff < 1e-5, report
     assert report.grad_norm_rel_diff < 1e-5, report
     assert report.max_rel_update_diff_same_grads < 1e-6, report
-    assert report.max_rel_update_diff < UPDATE_TOLERANCE.get((report.schedule, report.pp, report.dp), 1e-5), report
+    assert report.max_rel_update_diff < 1e-5, report
     assert report.max_rel_param_diff_final < 1e-5, report
 
 

@@ -12,9 +12,12 @@ plus the loss of every step and the parameters after the last one (the trajector
 Why two update numbers. fp32 gradients of two correct computations that add in a different order differ by
 ~1e-7 relative. AdamW's first update of an element is lr * g / (|g| + eps): wherever |g| is within a few eps
 (1e-8) of zero, that 1e-7 gradient noise becomes a visible update difference, so ``max_rel_update_diff`` can sit
-above 1e-5 while nothing is wrong. ``max_rel_update_diff_same_grads`` isolates the optimizer path (ZeRO
-partitioning, dp reduction, global clipping, AdamW): it applies the reference's clipping and AdamW to the
-*distributed* gradients and compares that update with the one the workers made.
+above 1e-5 while nothing is wrong; hence ``reduction_tree``. The same holds for the global clip factor, which
+multiplies every gradient: both sides sum the squared norm in float64 (``raymoe.train.clip``), so the layout's
+grouping of that sum (ZeRO partitions, dp ranks, stages) does not reach the factor's fp32 bits.
+``max_rel_update_diff_same_grads`` isolates the optimizer path (ZeRO partitioning, dp reduction, global
+clipping, AdamW): it applies the reference's clipping and AdamW to the *distributed* gradients and compares that
+update with the one the workers made.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 from raymoe.config import Config
 from raymoe.runtime.driver import Driver
 from raymoe.runtime.results import StepResult
-from raymoe.train import ReferenceTrainer, accumulate_gradients, make_adamw, set_lr
+from raymoe.train import ReferenceTrainer, accumulate_gradients, clip_coefficient, make_adamw, set_lr
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,10 +211,10 @@ def _update_from_distributed_grads(config: Config, model, results: list[StepResu
         p.grad = grads[name].clone()
     optimizer = make_adamw(model.named_parameters(), config.optim)
     set_lr(optimizer, record_ref["lr"])
-    if config.optim.grad_clip > 0:  # torch's clipping factor, from the norm the workers computed
-        coef = min(1.0, config.optim.grad_clip / (grad_norm + 1e-6))
+    if config.optim.grad_clip > 0:  # the shared clipping factor, from the norm the workers computed
+        coef = clip_coefficient(torch.tensor(grad_norm, dtype=torch.float64), config.optim.grad_clip)
         for p in model.parameters():
-            p.grad.mul_(torch.tensor(coef, dtype=torch.float32))
+            p.grad.mul_(coef.to(p.grad.dtype))
     optimizer.step()
     expected = {n: p.detach() - before[n] for n, p in model.named_parameters()}
     worst = (0.0, "")

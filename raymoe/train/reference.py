@@ -2,8 +2,9 @@
 
 One step = forward/backward over ``schedule.num_microbatches`` equal micro-batches of the global batch (gradient
 accumulation; each micro-batch loss is scaled by 1/M so the gradient is that of the global-batch mean), global
-gradient-norm clipping, AdamW with warmup + cosine LR, then the auxiliary-loss-free bias update from the step's
-expert loads. The distributed runtime performs the same arithmetic split over ranks.
+gradient-norm clipping (``raymoe.train.clip``, the definition the layouts share), AdamW with warmup + cosine LR,
+then the auxiliary-loss-free bias update from the step's expert loads. The distributed runtime performs the same
+arithmetic split over ranks.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from raymoe.config import Config
 from raymoe.model import build_model
 from raymoe.model.build import compute_context
 from raymoe.routing import update_bias
+from raymoe.train.clip import clip_gradients
 from raymoe.train.metrics import StepMetrics, load_statistics
 from raymoe.train.optim import lr_at, make_adamw, set_lr
 
@@ -144,11 +146,3 @@ def _accumulate_one(model, micro_BL: torch.Tensor, num_microbatches: int, mtp_we
     sums["total"] += float(out.loss.detach()) / num_microbatches
     for stats in out.router_stats:
         sums["counts_RE"][stats.slot] += stats.counts_E.cpu()
-
-
-def clip_gradients(params, max_norm: float) -> float:
-    """Global L2 norm of all gradients (returned), clipped to ``max_norm`` unless it is 0."""
-    params = [p for p in params if p.grad is not None]
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
