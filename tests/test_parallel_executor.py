@@ -191,3 +191,35 @@ def test_split_backward_is_bitwise_the_full_backward():
         stages, _, _ = run_pipeline(config, _tokens(config))
         grads[schedule] = {n: p.grad for s in stages.values() for n, p in s.named_parameters()}
     assert all(torch.equal(grads["1f1b"][n], grads["zb1p"][n]) for n in grads["1f1b"])
+
+
+@pytest.mark.parametrize("capture", [False, True])
+def test_deferred_linear_under_bf16_autocast_is_autocast_linear(capture):
+    """Under autocast a DeferredLinear computes in bf16 like nn.Linear does, and hands fp32 master weights an
+    fp32 gradient, whether its dW runs at once or later from the store (the zero-bubble W)."""
+    from raymoe.parallel.weight_grad import WeightGradStore
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32, bias=False)
+    store = WeightGradStore()
+    deferred = DeferredLinear(torch.nn.Linear(64, 32, bias=False), store)
+    deferred.weight.data.copy_(linear.weight.data)
+    x = torch.randn(4, 8, 64)
+    grad_out = torch.randn(4, 8, 32)
+    outs, grads_x = [], []
+    for module in (linear, deferred):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(xi)
+        if module is deferred and capture:
+            with store.capture((0, 0)):
+                out.backward(grad_out.to(out.dtype))
+            assert deferred.weight.grad is None
+            store.flush((0, 0))
+        else:
+            out.backward(grad_out.to(out.dtype))
+        outs.append(out)
+        grads_x.append(xi.grad)
+    assert outs[1].dtype == torch.bfloat16 and torch.equal(outs[0], outs[1])
+    assert grads_x[1].dtype == torch.float32 and torch.equal(grads_x[0], grads_x[1])
+    assert deferred.weight.grad.dtype == torch.float32 and torch.equal(linear.weight.grad, deferred.weight.grad)

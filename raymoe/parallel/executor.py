@@ -292,7 +292,7 @@ class Executor:
     def _weight_grad(self, action: Action) -> None:
         try:
             self.weight_grads.flush((action.stage, action.microbatch))
-        except RuntimeError:
+        except LookupError:
             raise RuntimeError(f"rank {self.pipeline_rank}: {action} without an earlier I of the same stage and "
                                f"micro-batch") from None
 

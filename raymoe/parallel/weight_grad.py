@@ -40,6 +40,8 @@ class WeightGradStore:
         return _Capture(self, key)
 
     def put(self, weight: nn.Parameter, x_NK: torch.Tensor, grad_NO: torch.Tensor) -> None:
+        """Queue ``dW = (x^T dY)^T`` for ``weight``; the GEMM runs in the dtype of ``x`` and ``dY`` (bf16 under
+        autocast) and its result is accumulated in the parameter's dtype."""
         assert self._capturing is not None, "put() outside a capture"
         self._queues[self._capturing].append((weight, x_NK, grad_NO))
 
@@ -48,10 +50,12 @@ class WeightGradStore:
         """Run the queued GEMMs of ``key`` (a W); returns how many ran.
 
         A weight used twice in one backward (the output head: main logits and MTP logits) gets its two
-        contributions summed before they are added to ``.grad``, as autograd's accumulator does.
+        contributions summed before they are added to ``.grad``, as autograd's accumulator does -- and, under
+        autocast, summed in the GEMM dtype and cast once, as autograd does behind autocast's one cached cast of
+        the weight.
         """
         if key not in self._queues:
-            raise RuntimeError(f"no weight-gradient work captured for stage {key[0]}, micro-batch {key[1]}")
+            raise LookupError(f"no weight-gradient work captured for stage {key[0]}, micro-batch {key[1]}")
         work = self._queues.pop(key)
         totals: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
         for weight, x_NK, grad_NO in work:
@@ -59,6 +63,7 @@ class WeightGradStore:
             previous = totals.get(id(weight))
             totals[id(weight)] = (weight, grad_OK if previous is None else previous[1] + grad_OK)
         for weight, grad_OK in totals.values():
+            grad_OK = grad_OK.to(weight.dtype)
             if weight.grad is None:
                 weight.grad = grad_OK.contiguous()
             else:
@@ -90,24 +95,37 @@ class _Capture:
 
 
 class _DeferredLinearFunction(torch.autograd.Function):
+    """``F.linear`` whose backward may queue dW. Under autocast it does what autocast does to ``nn.Linear``:
+    the GEMMs run in the autocast dtype on cast copies of ``x`` and ``weight`` (those copies are what is saved),
+    and the gradients go back in the dtypes of the originals (fp32 master weights get fp32 ``.grad``)."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, store: WeightGradStore) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            x_c, weight_c = x.to(dtype), weight.to(dtype)
+        else:
+            x_c, weight_c = x, weight
+        ctx.save_for_backward(x_c, weight_c)
         ctx.store = store
-        return F.linear(x, weight)
+        ctx.param = weight  # the parameter whose .grad a deferred W accumulates (weight_c may be a cast copy)
+        ctx.x_dtype = x.dtype
+        with torch.autocast(device, enabled=False):
+            return F.linear(x_c, weight_c)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
-        grad_NO = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_NO = grad_out.reshape(-1, grad_out.shape[-1]).to(x.dtype)
         x_NK = x.reshape(-1, x.shape[-1])
-        grad_x = grad_NO.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_x = grad_NO.mm(weight).view(x.shape).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         if not ctx.needs_input_grad[1]:
             return grad_x, None, None
         if ctx.store.capturing is not None:
-            ctx.store.put(weight, x_NK, grad_NO)
+            ctx.store.put(ctx.param, x_NK, grad_NO)
             return grad_x, None, None
-        return grad_x, x_NK.t().mm(grad_NO).t(), None
+        return grad_x, x_NK.t().mm(grad_NO).t().to(ctx.param.dtype), None
 
 
 class DeferredLinear(nn.Module):

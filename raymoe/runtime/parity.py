@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from raymoe.config import Config
+from raymoe.model.build import compute_context
 from raymoe.runtime.driver import Driver
 from raymoe.runtime.results import StepResult
 from raymoe.train import ReferenceTrainer, accumulate_gradients, clip_coefficient, make_adamw, set_lr
@@ -167,13 +168,14 @@ def _first_step(config: Config, reference: ReferenceTrainer, driver: Driver, tok
     # The reference gradient before clipping, from a copy (ReferenceTrainer.step clips in place).
     probe = copy.deepcopy(reference.model)
     probe.set_routing_biases(reference.routing_bias_RE)
-    accumulate_gradients(
-        probe,
-        tokens_BL,
-        reference.config.schedule.num_microbatches,
-        config.mtp.weight_at(0),
-        reduction_tree=reference.reduction_tree,
-    )
+    with compute_context(config, reference.device):  # bf16 autocast when the layout computes in bf16
+        accumulate_gradients(
+            probe,
+            tokens_BL,
+            reference.config.schedule.num_microbatches,
+            config.mtp.weight_at(0),
+            reduction_tree=reference.reduction_tree,
+        )
     grads_ref = {n: p.grad for n, p in probe.named_parameters()}
     before_ref = {n: p.detach().clone() for n, p in reference.model.named_parameters()}
     optimizer_before = copy.deepcopy(reference.model)
