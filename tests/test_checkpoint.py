@@ -94,6 +94,16 @@ def test_saving_the_same_step_again_replaces_it(tmp_path):
     assert [s for s, _ in store.complete()] == [3] and sorted(os.listdir(tmp_path)) == ["step-00000003"]
 
 
+def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside(tmp_path):
+    store = CheckpointStore(tmp_path / "checkpoints")
+    assert store.set_aside() is None  # nothing there
+    _save(store, 300)
+    assert store.set_aside() == tmp_path / "checkpoints.earlier-1"
+    assert store.latest() is None and (tmp_path / "checkpoints.earlier-1" / "step-00000300").is_dir()
+    _save(store, 100)
+    assert store.set_aside() == tmp_path / "checkpoints.earlier-2"
+
+
 def test_resolve_checkpoint_accepts_run_dir_store_or_checkpoint(tmp_path):
     store = CheckpointStore(tmp_path / "run" / "checkpoints")
     _save(store, 5)

@@ -83,3 +83,47 @@ def test_restore_names_a_corrupt_shard_and_a_foreign_layout(worker_groups, tmp_p
     with pytest.raises(ValueError, match=r"rank-00001.pt' is corrupt: sha256"):
         fresh.restore(path)
     assert fresh.state is DriverState.ERRORED
+
+
+def _kill_worker_when(metrics_path, steps_logged: int, name: str, done: list) -> None:
+    """Fault injection from outside, as a node loss would do it: kill a worker actor mid-run."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if metrics_path.is_file() and len(metrics_path.read_text().splitlines()) >= steps_logged:
+            ray.kill(ray.get_actor(name), no_restart=True)
+            done.append(time.monotonic())
+            return
+        time.sleep(0.02)
+
+
+def test_a_killed_worker_is_replaced_and_the_run_ends_as_if_nothing_happened(worker_groups, tmp_path):
+    import json
+    import threading
+
+    from raymoe.runtime.launch import train_ray
+
+    worker_groups.close()  # train_ray starts its own workers, with the same actor names
+    config = load_config("debug", ["run.steps=24", "run.checkpoint_every=4", "run.max_failures=1", "parallel.pp=2",
+                                   "schedule.name=1f1b", "schedule.num_microbatches=4"])
+    calm = train_ray(config, out_dir=str(tmp_path / "calm"), progress=False)
+
+    out = tmp_path / "faulty"
+    killed: list = []
+    killer = threading.Thread(target=_kill_worker_when,
+                              args=(out / "metrics.jsonl", 10, "raymoe/pp1-ep0-dp0", killed))
+    killer.start()
+    records = train_ray(config, out_dir=str(out), progress=False)
+    killer.join()
+    assert killed, "the fault was never injected"
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    recovered = [e for e in events if e["event"] == "recovered"]
+    assert len(recovered) == 1 and recovered[0]["resumed_at_step"] % 4 == 0
+    assert recovered[0]["resumed_at_step"] <= recovered[0]["failed_at_step"]
+    assert [r["step"] for r in records] == list(range(24))
+    assert _losses(records) == _losses(calm)  # bitwise: the redone steps are the steps of the calm run
+    assert (out / "metrics.superseded.jsonl").is_file() or recovered[0]["resumed_at_step"] == \
+        recovered[0]["failed_at_step"]

@@ -146,3 +146,16 @@ def test_train_command_runs_dualpipev_through_ray(worker_groups, tmp_path):
     assert fields <= set(records[0]) and records[0]["engine"] == "ray"
     assert records[-1]["loss"] < records[0]["loss"]
     assert all((out / name).exists() for name in ("config.yaml", "metrics.parquet", "loss.png"))
+
+
+def test_restart_policy_retries_worker_failures_only_up_to_its_budget():
+    from raymoe.runtime.driver import RestartFromCheckpoint
+
+    policy = RestartFromCheckpoint(max_failures=2)
+    died = RuntimeError("worker raymoe/pp1-ep0-dp0 died")
+    assert policy.decide(ValueError("bad shard"), DriverState.RUNNING) is DriverState.ERRORED  # never retried
+    assert policy.decide(KeyboardInterrupt(), DriverState.RUNNING) is DriverState.ERRORED
+    assert policy.decide(died, DriverState.RECOVERING) is DriverState.ERRORED  # a recovery that failed
+    assert policy.decide(died, DriverState.RUNNING) is DriverState.RECOVERING
+    assert policy.decide(died, DriverState.CHECKPOINTING) is DriverState.RECOVERING
+    assert policy.decide(died, DriverState.RUNNING) is DriverState.ERRORED and policy.failures == 2

@@ -32,6 +32,17 @@ class CheckpointStore:
         self.root = Path(root)
         self.keep = keep
 
+    def set_aside(self) -> Path | None:
+        """A fresh run in a directory that holds another run's checkpoints: move them to ``<root>.earlier-N``
+        (kept, never deleted) so that neither ``--resume`` nor recovery can mistake them for this run's."""
+        if not self.complete():
+            return None
+        n = 1
+        while (aside := self.root.with_name(f"{self.root.name}.earlier-{n}")).exists():
+            n += 1
+        os.replace(self.root, aside)
+        return aside
+
     def begin(self, step: int) -> Path:
         """A fresh staging directory for step ``step``'s shards."""
         self.root.mkdir(parents=True, exist_ok=True)

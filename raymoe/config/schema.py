@@ -270,13 +270,16 @@ class RunConfig:
     """SIGTERM (``ray job stop``) or Ctrl-C: finish the running step, save a checkpoint, then exit."""
     keep_checkpoints: int = 3
     """Complete checkpoints kept; older ones are deleted only after a newer one is committed."""
+    max_failures: int = 0
+    """Worker failures (a dead actor, a failed step or save) survived by restarting the workers from the last
+    checkpoint of this run (or from the start, before the first one); 0 stops at the first failure."""
     checkpoint_dir: str = ""
     """Where checkpoints go; empty means ``<out_dir>/checkpoints``. Every worker writes its own shard there, so
     on a multi-node cluster it must be storage all nodes share."""
 
     def __post_init__(self) -> None:
         _positive("run", steps=self.steps, log_every=self.log_every, keep_checkpoints=self.keep_checkpoints)
-        _non_negative("run", checkpoint_every=self.checkpoint_every)
+        _non_negative("run", checkpoint_every=self.checkpoint_every, max_failures=self.max_failures)
 
     @property
     def checkpoint_root(self) -> str:

@@ -2,8 +2,8 @@
 
     INITIALIZING --start()--> RUNNING --finish()--> FINISHED
          |                     |   ^
-         |                     |   +-- CHECKPOINTING (save_checkpoint) / RECOVERING (not used yet)
-         +------ error --------+--> ERRORED   (or RECOVERING, if the injected failure policy says so)
+         |                     |   +-- CHECKPOINTING (save_checkpoint) / RECOVERING (recover: new workers)
+         +------ error --------+--> ERRORED   (or RECOVERING, if the failure policy says so)
 
 Everything that can be checked without a cluster is checked in the constructor (``validate_layout``), and the
 cluster's capacity before any actor starts (``WorkerGroup.start``), so a bad layout fails in seconds with the
@@ -56,7 +56,7 @@ TRANSITIONS: dict[DriverState, frozenset[DriverState]] = {
     DriverState.RUNNING: frozenset(
         {DriverState.CHECKPOINTING, DriverState.RECOVERING, DriverState.FINISHED, DriverState.ERRORED}
     ),
-    DriverState.CHECKPOINTING: frozenset({DriverState.RUNNING, DriverState.ERRORED}),
+    DriverState.CHECKPOINTING: frozenset({DriverState.RUNNING, DriverState.RECOVERING, DriverState.ERRORED}),
     DriverState.RECOVERING: frozenset({DriverState.RUNNING, DriverState.ERRORED}),
     DriverState.FINISHED: frozenset(),
     DriverState.ERRORED: frozenset(),
@@ -70,10 +70,29 @@ class FailurePolicy(Protocol):
 
 
 class FailFast:
-    """The default policy: any failure ends the run (the reliability issue adds restarts)."""
+    """Any failure ends the run (``run.max_failures=0``)."""
 
     def decide(self, error: BaseException, state: DriverState) -> DriverState:
         return DriverState.ERRORED
+
+
+class RestartFromCheckpoint:
+    """Up to ``max_failures`` times, a failed step or save sends the driver to RECOVERING: its owner then calls
+    ``Driver.recover`` (new workers, the last checkpoint). Errors that another attempt cannot fix end the run:
+    a ``ValueError`` (bad input, refused layout, corrupt checkpoint, also when raised inside a worker), a
+    ``KeyboardInterrupt``, or a failure outside RUNNING / CHECKPOINTING (a recovery that itself fails)."""
+
+    def __init__(self, max_failures: int) -> None:
+        self.max_failures = max_failures
+        self.failures = 0
+
+    def decide(self, error: BaseException, state: DriverState) -> DriverState:
+        fatal = isinstance(error, ValueError) or not isinstance(error, Exception)
+        retryable_state = state in (DriverState.RUNNING, DriverState.CHECKPOINTING)
+        if fatal or not retryable_state or self.failures >= self.max_failures:
+            return DriverState.ERRORED
+        self.failures += 1
+        return DriverState.RECOVERING
 
 
 def validate_layout(config: Config) -> tuple[Schedule, StagePlan]:
@@ -132,6 +151,7 @@ class Driver:
         self.failure_policy = failure_policy or FailFast()
         self.timeout_s = timeout_s
         self._batches = batches
+        self._given_batches = batches is not None
         self.key = f"{config.schedule.name}-{uuid.uuid4().hex[:8]}"
         self.state = DriverState.INITIALIZING
         self.history: list[_Transition] = [_Transition(DriverState.INITIALIZING, time.time())]
@@ -163,21 +183,47 @@ class Driver:
         if self.state is not DriverState.INITIALIZING:
             raise RuntimeError(f"start() in state {self.state.value}")
         try:
-            if self.worker_group is None:
-                self.worker_group = WorkerGroup(
-                    self.topology, device=self.config.parallel.device, timeout_s=self.timeout_s
-                ).start()
-            placement = self.schedule.placement
-            args = [
-                (self.key, self.config, placement, self.schedule.actions[self.topology.coord(r).pp_rank])
-                for r in range(self.topology.world_size)
-            ]
-            self.load_info = self.worker_group.execute_each("load", args)
+            self._start_workers()
         except BaseException as exc:
             self._fail(exc)
             raise
         self._transition(DriverState.RUNNING)
         return self
+
+    def _start_workers(self) -> None:
+        if self.worker_group is None:
+            self.worker_group = WorkerGroup(
+                self.topology, device=self.config.parallel.device, timeout_s=self.timeout_s
+            ).start()
+        placement = self.schedule.placement
+        args = [
+            (self.key, self.config, placement, self.schedule.actions[self.topology.coord(r).pp_rank])
+            for r in range(self.topology.world_size)
+        ]
+        self.load_info = self.worker_group.execute_each("load", args)
+
+    def recover(self, checkpoint: Path | None) -> None:
+        """RECOVERING -> RUNNING: stop every worker (the dead and the stuck alike), start a new group, and go back to
+        ``checkpoint`` (or to the start of the run, when there is none yet)."""
+        if self.state is not DriverState.RECOVERING:
+            raise RuntimeError(f"recover() in state {self.state.value}")
+        if not self._owns_group:
+            raise RuntimeError("recover() needs a driver that started its own workers")
+        try:
+            old, self.worker_group = self.worker_group, None
+            if old is not None:
+                old.shutdown()
+            self._start_workers()
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        self.step_index, self.tokens_seen = 0, 0
+        self.routing_bias_RE = torch.zeros_like(self.routing_bias_RE)
+        if not self._given_batches:
+            self._batches = None  # reopened at the start of the data, or at the checkpoint's cursor
+        self._transition(DriverState.RUNNING, f"recovered from {checkpoint or 'the start'}")
+        if checkpoint is not None:
+            self.restore(checkpoint)
 
     def finish(self) -> None:
         if self.state is DriverState.RUNNING:

@@ -5,6 +5,8 @@
 
 Checkpoints (``raymoe.checkpoint``): every ``run.checkpoint_every`` steps and at the end of the run, and when the
 run is stopped (SIGTERM from ``ray job stop``, or Ctrl-C; ``runtime/stop.py``) after the step in flight.
+Failures: with ``run.max_failures`` > 0 a dead or failing worker does not end the run; the driver starts new
+workers and goes back to this run's last checkpoint (``Driver.recover``), and the redone steps are logged again.
 ``resume=`` continues from a checkpoint: the workers load their shards, the driver its step, token count,
 routing biases and data cursor, and the run directory keeps its metrics and appends.
 """
@@ -20,6 +22,7 @@ from tqdm import tqdm
 from raymoe.checkpoint import CheckpointStore, Manifest
 from raymoe.checkpoint.compat import check_compatible, check_steps, config_of
 from raymoe.config import Config
+from raymoe.runtime.driver import Driver, DriverState, FailFast, RestartFromCheckpoint
 from raymoe.train.run_dir import RunDir
 
 
@@ -45,11 +48,11 @@ def train_ray(
     """Train ``config`` on Ray actors; with ``resume`` (a checkpoint directory) continue that run to run.steps."""
     import ray
 
-    from raymoe.runtime.driver import Driver
     from raymoe.runtime.metrics import MetricsExporter
     from raymoe.runtime.stop import StopRequests
 
-    driver = Driver(config)  # validates the layout before Ray is even started
+    policy = RestartFromCheckpoint(config.run.max_failures) if config.run.max_failures else FailFast()
+    driver = Driver(config, failure_policy=policy)  # validates the layout before Ray is even started
     manifest = None
     if resume is not None:  # so is the checkpoint: readable, same model and layout, steps left to train
         manifest = Manifest.read(Path(resume))
@@ -58,8 +61,10 @@ def train_ray(
     started = init_ray(config.run.ray_address)
     run_dir = RunDir(out_dir or config.run.out_dir, config, resume_step=manifest.step if manifest else None)
     store = CheckpointStore(config.run.checkpoint_root, keep=config.run.keep_checkpoints)
+    if manifest is None and (aside := store.set_aside()) is not None:
+        print(f"{store.root} held an earlier run's checkpoints: moved to {aside}")
     exporter = MetricsExporter.for_run(config, run_dir.path)  # dashboard metrics + RUN_DIR/actions.jsonl
-    bar = None
+    loop = _Loop(config, driver, store, run_dir, exporter, policy, last_checkpoint=Path(resume) if resume else None)
     try:
         with StopRequests() as stop:
             driver.start()
@@ -68,28 +73,10 @@ def train_ray(
             if manifest is not None:
                 driver.restore(Path(resume))
                 run_dir.event("resumed", step=driver.step_index, checkpoint=str(resume))
-            desc = f"train (ray {config.schedule.name} pp={config.parallel.pp} dp={config.parallel.dp})"
-            bar = tqdm(total=config.run.steps, initial=driver.step_index, desc=desc, unit="step",
-                       disable=not progress, dynamic_ncols=True)
-            while driver.step_index < config.run.steps:
-                report = driver.step()
-                record = report.record
-                run_dir.log(record)
-                exporter.record(record, report.results)
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", mtp=f"{record['mtp_loss']:.3f}",
-                                tok_s=f"{record['tokens_per_s']:.0f}")
-                if _checkpoint_due(config, driver.step_index) or (stop.requested and config.run.checkpoint_on_stop):
-                    _save(driver, store, run_dir, bar)
-                if stop.requested:
-                    bar.write(f"stopped by {stop.signal_name} after step {driver.step_index}; continue with "
-                              f"`python -m raymoe train --resume {run_dir.path} --steps {config.run.steps}`")
-                    run_dir.event("stopped", step=driver.step_index, signal=stop.signal_name)
-                    break
+            loop.run(stop, progress)
             driver.finish()
     finally:
-        if bar is not None:
-            bar.close()
+        loop.close()
         driver.close()
         exporter.close()
         run_dir.close()
@@ -98,15 +85,76 @@ def train_ray(
     return run_dir.records
 
 
+class _Loop:
+    """The step loop: log, checkpoint when due or stopped, and on a worker failure that the policy retries,
+    recover from this run's last checkpoint."""
+
+    def __init__(self, config: Config, driver, store, run_dir: RunDir, exporter, policy, *, last_checkpoint):
+        self.config, self.driver, self.store, self.run_dir = config, driver, store, run_dir
+        self.exporter, self.policy = exporter, policy
+        self.last_checkpoint: Path | None = last_checkpoint
+        """Only checkpoints of this run (or the one it resumed from) are recovered from."""
+        self.bar = None
+
+    def run(self, stop, progress: bool) -> None:
+        config, driver = self.config, self.driver
+        desc = f"train (ray {config.schedule.name} pp={config.parallel.pp} dp={config.parallel.dp})"
+        self.bar = tqdm(total=config.run.steps, initial=driver.step_index, desc=desc, unit="step",
+                        disable=not progress, dynamic_ncols=True)
+        while driver.step_index < config.run.steps:
+            try:
+                self._step()
+                if _checkpoint_due(config, driver.step_index) or (stop.requested and config.run.checkpoint_on_stop):
+                    self._save()  # checked after the step: a stop signal may have come during it
+            except Exception as exc:
+                if driver.state is not DriverState.RECOVERING:  # the failure policy did not retry it
+                    raise
+                self._recover(exc)
+                continue
+            if stop.requested:
+                self.bar.write(f"stopped by {stop.signal_name} after step {driver.step_index}; continue with "
+                               f"`python -m raymoe train --resume {self.run_dir.path} --steps {config.run.steps}`")
+                self.run_dir.event("stopped", step=driver.step_index, signal=stop.signal_name)
+                return
+
+    def _step(self) -> None:
+        report = self.driver.step()
+        record = report.record
+        self.run_dir.log(record)
+        self.exporter.record(record, report.results)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}", mtp=f"{record['mtp_loss']:.3f}",
+                             tok_s=f"{record['tokens_per_s']:.0f}")
+
+    def _save(self) -> None:
+        start = time.perf_counter()
+        path = self.driver.save_checkpoint(self.store)
+        seconds = time.perf_counter() - start
+        size = sum(f.stat().st_size for f in path.iterdir())
+        self.last_checkpoint = path
+        self.run_dir.event("checkpoint", step=self.driver.step_index, path=str(path), seconds=seconds, bytes=size)
+        self.bar.write(f"checkpoint {path} ({size / 2**20:.1f} MiB, {seconds:.1f} s)")
+
+    def _recover(self, error: Exception) -> None:
+        failed_at = self.driver.step_index
+        source = self.last_checkpoint
+        self.bar.write(f"worker failure at step {failed_at} ({type(error).__name__}: {str(error)[:200]}); "
+                       f"restarting the workers from {source or 'the start'} "
+                       f"(failure {self.policy.failures} of {self.policy.max_failures})")
+        start = time.perf_counter()
+        self.driver.recover(source)
+        self.run_dir.rewind(self.driver.step_index)
+        self.run_dir.event("recovered", failed_at_step=failed_at, resumed_at_step=self.driver.step_index,
+                           checkpoint=str(source) if source else None, error=f"{type(error).__name__}: {error}",
+                           seconds=time.perf_counter() - start)
+        self.bar.n = self.driver.step_index
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _checkpoint_due(config: Config, steps_done: int) -> bool:
     every = config.run.checkpoint_every
     return every > 0 and (steps_done % every == 0 or steps_done == config.run.steps)
-
-
-def _save(driver, store: CheckpointStore, run_dir: RunDir, bar) -> None:
-    start = time.perf_counter()
-    path = driver.save_checkpoint(store)
-    seconds = time.perf_counter() - start
-    size = sum(f.stat().st_size for f in path.iterdir())
-    run_dir.event("checkpoint", step=driver.step_index, path=str(path), seconds=seconds, bytes=size)
-    bar.write(f"checkpoint {path} ({size / 2**20:.1f} MiB, {seconds:.1f} s)")

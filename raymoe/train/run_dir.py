@@ -29,6 +29,13 @@ class RunDir:
             self._records = self._keep_before(resume_step)
             self._file = self.metrics_path.open("a")
 
+    def rewind(self, step: int) -> None:
+        """Training went back to ``step`` (recovery from a checkpoint): records of steps >= ``step`` move to
+        ``metrics.superseded.jsonl``, and the steps are logged again as they are redone."""
+        self._file.close()
+        self._records = self._keep_before(step)
+        self._file = self.metrics_path.open("a")
+
     def _keep_before(self, step: int) -> list[dict]:
         if not self.metrics_path.is_file():
             return []
