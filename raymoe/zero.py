@@ -21,6 +21,28 @@ Two things DeepSpeed does not do for our pipeline, done here:
 * **Caller-owned accumulation.** The pipeline executor runs the backward passes itself
   (``managed_gradient_accumulation: false``); ``engine.step()`` then reduces, clips and steps.
 
+ZeRO stage 2 (``DeepSpeedZero2``) also partitions the *gradients*: after every backward pass (each micro-batch's
+B, or the I and the W of a zero-bubble split) the fresh gradients are reduced over the dp group, each rank keeps
+the averaged slice of its own partition, adds it to the slice it accumulates over the step, and frees the full
+gradients. Between micro-batches and at the step a rank therefore holds ~1/dp of the stage's gradients instead of
+all of them (``OptimizerMemory.grad_bytes``), at the price of one reduction per backward pass instead of one per
+step. DeepSpeed does the reducing from gradient hooks during *its* backward; ours is the executor's, so:
+
+* DeepSpeed's per-parameter hooks still fire inside the executor's ``torch.autograd.backward`` and copy each
+  gradient into the reduction bucket as it is produced (reducing whenever the bucket fills). The end-of-backward
+  step that DeepSpeed would run from its engine (reduce the last bucket, keep the partition, free the rest:
+  ``overlapping_partition_gradients_reduce_epilogue``) runs from ``after_backward``, which the executor calls
+  after every backward pass.
+* A zero-bubble I leaves the linears' weight gradients to its W (``raymoe.parallel.weight_grad``), so their hooks
+  fire with no gradient: those calls are skipped. The W writes ``.grad`` outside autograd, where no hook fires:
+  ``after_backward`` hands every gradient the hooks did not see to the same reduction before the epilogue.
+* Where it is valid (``raymoe.runtime.driver.validate_layout``): every schedule at ``parallel.pp=1``, and with a
+  pipeline only where no parameter has a copy on another pipeline rank (DualPipeV; 1F1B, GPipe and ZB1P without
+  MTP). The runtime sums such copies (DualPipe's mirrored stages, the embedding the MTP modules share with the
+  first stage) after the last backward, when ZeRO-2 has already reduced and freed their gradients. The price with
+  a pipeline: a dp reduction after every backward pass, M per step inside the schedule, where ZeRO-1 has one at
+  the step (DeepSpeed's own ``PipelineEngine`` refuses stage 2 altogether).
+
 The local twin ``LocalAdamW`` (dp = 1, or ``zero_stage`` 0) is plain torch AdamW with the same clipping: it does
 not import DeepSpeed at all.
 
@@ -34,7 +56,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -54,6 +76,9 @@ class OptimizerMemory:
     """Adam moments (and step counters) this rank holds."""
     master_bytes: int
     """fp32 master weights the optimizer holds besides the model's own parameters (ZeRO's partition)."""
+    grad_bytes: int = 0
+    """Gradients held when the last step began, after all backward passes: every parameter's full ``.grad``
+    (plain AdamW, ZeRO-1) or the accumulated partition (ZeRO-2: ~1/dp of the former)."""
 
     @property
     def total_bytes(self) -> int:
@@ -61,6 +86,14 @@ class OptimizerMemory:
 
 
 class StageOptimizer(Protocol):
+    def after_backward(self) -> None:
+        """Called by the executor after every backward pass (B, I, W, an FB's backward) of a step."""
+        ...
+
+    def mean_gradients(self, params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+        """dp-averaged gradients of ``params`` before clipping (parity checks); between the backward and ``step``."""
+        ...
+
     def step(self, lr: float) -> float:
         """Reduce gradients over dp, clip by the global norm, update; returns the global norm before clipping."""
         ...
@@ -92,7 +125,8 @@ def build_optimizer(
         return LocalAdamW(
             module, optim, dp_group=dp_group, pp_group=pp_group, not_in_norm=not_in_norm, bf16_moments=bf16_moments
         )
-    return DeepSpeedZero(
+    zero = DeepSpeedZero2 if zero_stage == 2 else DeepSpeedZero
+    return zero(
         module, optim, zero_stage=zero_stage, dp_group=dp_group, pp_group=pp_group, not_in_norm=not_in_norm,
         micro_batch_size=micro_batch_size, num_microbatches=num_microbatches, backend=backend,
         bf16_moments=bf16_moments,
@@ -106,6 +140,23 @@ def pipeline_norm(stage_sq: torch.Tensor, pp_group) -> torch.Tensor:
     if pp_group is not None:
         dist.all_reduce(total_sq, group=pp_group)
     return total_sq.sqrt()
+
+
+def replicated_mean_gradients(params: Sequence[nn.Parameter], dp_group) -> list[torch.Tensor]:
+    """Copies of the full ``.grad`` of every parameter, averaged over ``dp_group`` (not yet reduced: ZeRO-0/1)."""
+    from raymoe.parallel.groups import all_reduce_sum
+
+    for p in params:
+        if p.grad is None:  # a parameter no micro-batch reached: its gradient is zero
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad.detach().clone() for p in params]
+    all_reduce_sum(grads, dp_group)
+    scale = 1.0 / (1 if dp_group is None else dist.get_world_size(dp_group))
+    return [g * scale for g in grads]
+
+
+def held_grad_bytes(params: Collection[nn.Parameter]) -> int:
+    return sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
 
 
 def _adamw(module: nn.Module, optim: OptimConfig, bf16_moments: bool = False) -> torch.optim.Optimizer:
@@ -128,8 +179,16 @@ class LocalAdamW:
         skip = {id(p) for p in not_in_norm}
         self.norm_params = [p for p in self.params if id(p) not in skip]
         self.optimizer = _adamw(module, optim, bf16_moments)
+        self._grad_bytes = 0
+
+    def after_backward(self) -> None:
+        pass  # gradients stay on the parameters until the step
+
+    def mean_gradients(self, params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+        return replicated_mean_gradients(params, self.dp_group)
 
     def step(self, lr: float) -> float:
+        self._grad_bytes = held_grad_bytes(self.params)
         grads = [p.grad for p in self.params if p.grad is not None]
         if self.dp_group is not None:
             from raymoe.parallel.groups import all_reduce_sum
@@ -150,7 +209,9 @@ class LocalAdamW:
         return float(total)
 
     def memory(self) -> OptimizerMemory:
-        return OptimizerMemory(state_bytes=optimizer_state_bytes(self.optimizer), master_bytes=0)
+        return OptimizerMemory(
+            state_bytes=optimizer_state_bytes(self.optimizer), master_bytes=0, grad_bytes=self._grad_bytes
+        )
 
     def state_dict(self) -> dict:
         """AdamW's moments and step counts (tensors and plain containers: loadable with ``weights_only``)."""
@@ -208,6 +269,8 @@ def import_deepspeed(backend: str):
 
 
 class DeepSpeedZero:
+    """ZeRO-1: optimizer state partitioned over the dp group; gradients reduced once, at the step."""
+
     def __init__(
         self,
         module: nn.Module,
@@ -245,7 +308,19 @@ class DeepSpeedZero:
             model=module, optimizer=_adamw(module, optim, bf16_moments), config=ds_config, mpu=_StageMpu(dp_group),
             dist_init_required=False,
         )
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.dp_group = dp_group
+        self._grad_bytes = 0
         self._wrap_norm_and_clip(optim.grad_clip, dp_group, pp_group)
+
+    def after_backward(self) -> None:
+        pass  # ZeRO-1 reduces at the step
+
+    def mean_gradients(self, params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+        return replicated_mean_gradients(params, self.dp_group)
+
+    def _held_grad_bytes(self) -> int:
+        return held_grad_bytes(self.params)
 
     def _wrap_norm_and_clip(self, max_norm: float, dp_group, pp_group) -> None:
         zero = self.zero
@@ -285,17 +360,21 @@ class DeepSpeedZero:
         self.zero.unscale_and_clip_grads = clip
 
     def step(self, lr: float) -> float:
+        self._grad_bytes = self._held_grad_bytes()
         set_lr(self.zero.optimizer, lr)
-        # ZeRO sets up its reduction buffers from a gradient-accumulation hook. A zero-bubble W adds its deferred
-        # weight gradients to .grad directly (raymoe.parallel.weight_grad), so on a stage whose every backward
-        # was split that hook may never fire: set the buffers up here (a no-op when a hook already did).
-        self.zero.setup_buckets()
+        if not self.zero.partition_gradients:
+            # ZeRO-1 sets up its reduction buffers from a gradient-accumulation hook. A zero-bubble W adds its
+            # deferred weight gradients to .grad directly (raymoe.parallel.weight_grad), so on a stage whose every
+            # backward was split that hook may never fire: set the buffers up here (a no-op when a hook already did).
+            self.zero.setup_buckets()
         self.engine.step()
         return float(self._last_norm)
 
     def memory(self) -> OptimizerMemory:
         master = sum(t.numel() * t.element_size() for t in self.zero.single_partition_of_fp32_groups)
-        return OptimizerMemory(state_bytes=optimizer_state_bytes(self.zero.optimizer), master_bytes=master)
+        return OptimizerMemory(
+            state_bytes=optimizer_state_bytes(self.zero.optimizer), master_bytes=master, grad_bytes=self._grad_bytes
+        )
 
     def state_dict(self) -> dict:
         """This rank's partition: its flat fp32 master weights and the AdamW state over them.
@@ -331,3 +410,73 @@ def _check_kind(state: dict, kind: str) -> None:
     if not isinstance(state, dict) or state.get("kind") != kind:
         found = state.get("kind") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"optimizer state of kind {found!r} cannot be loaded into a {kind!r} optimizer")
+
+
+class DeepSpeedZero2(DeepSpeedZero):
+    """ZeRO-2: gradients partitioned too, reduced after every backward pass (see the module docstring)."""
+
+    def __init__(self, module: nn.Module, optim: OptimConfig, **kwargs) -> None:
+        super().__init__(module, optim, **kwargs)
+        self._handed: set[int] = set()  # ids of the parameters whose gradient this backward pass gave to ZeRO
+        hook_body = self.zero.process_gradients
+
+        def process_gradients(param: nn.Parameter, group: int) -> None:
+            if self.zero.get_gradient_for_reduction(param) is None:
+                return  # a zero-bubble I: this weight's gradient comes with its W
+            self._handed.add(id(param))
+            hook_body(param, group)
+
+        # DeepSpeed's gradient hooks call the optimizer's process_gradients by name; the instance attribute wins.
+        self.zero.process_gradients = process_gradients
+        self._mirror_boundary()
+
+    def _mirror_boundary(self) -> None:
+        # What the engine's backward prologue does: the optimizer's copy of "is this the accumulation boundary",
+        # False between steps (caller-owned accumulation), so each epilogue *adds* to the accumulated partition.
+        # engine.step() sets it True while it finalizes the partition and steps.
+        self.zero.set_gradient_accumulation_boundary(self.engine.is_gradient_accumulation_boundary())
+
+    def step(self, lr: float) -> float:
+        norm = super().step(lr)
+        self._mirror_boundary()
+        return norm
+
+    def after_backward(self) -> None:
+        # What the hooks did not see was written outside autograd (a W): hand it over in DeepSpeed's group order,
+        # which is the same on every dp rank, so the reduction buckets line up.
+        for group, params in enumerate(self.zero.bit16_groups):
+            for p in params:
+                if id(p) not in self._handed and self.zero.get_gradient_for_reduction(p) is not None:
+                    self.zero.process_gradients(p, group)
+        if self._handed:  # reduce the last bucket, keep this rank's partition, free every full gradient
+            self.zero.overlapping_partition_gradients_reduce_epilogue()
+        self._handed.clear()
+
+    def mean_gradients(self, params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+        """Every rank contributes the slice of each parameter it owns (zeros elsewhere); one sum assembles them."""
+        from raymoe.parallel.groups import all_reduce_sum
+
+        owned = self._accumulated()
+        full = []
+        for p in params:
+            flat = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+            if id(p) in owned:
+                fragment = p._hp_mapping.lp_fragment_address  # this rank's slice of p, set by DeepSpeed
+                source = owned[id(p)].reshape(-1).narrow(0, fragment.start, fragment.numel)
+                flat.narrow(0, fragment.start, fragment.numel).copy_(source)
+            full.append(flat)
+        all_reduce_sum(full, self.dp_group)
+        return [g.view_as(p).to(p.dtype) for g, p in zip(full, params)]
+
+    def _accumulated(self) -> dict[int, torch.Tensor]:
+        """id(param) -> the dp-averaged gradient accumulated over this step, for the parameters of this rank's
+        partition (full-size tensors of which only the rank's own slice is meaningful)."""
+        owned = {}
+        for group, params in enumerate(self.zero.params_in_partition):
+            grads = self.zero.all_grad_tensors.get(group)
+            if grads is not None:
+                owned.update((id(p), g) for p, g in zip(params, grads))
+        return owned
+
+    def _held_grad_bytes(self) -> int:
+        return held_grad_bytes(self.params) + sum(g.numel() * g.element_size() for g in self._accumulated().values())

@@ -223,3 +223,47 @@ def test_deferred_linear_under_bf16_autocast_is_autocast_linear(capture):
     assert outs[1].dtype == torch.bfloat16 and torch.equal(outs[0], outs[1])
     assert grads_x[1].dtype == torch.float32 and torch.equal(grads_x[0], grads_x[1])
     assert deferred.weight.grad.dtype == torch.float32 and torch.equal(linear.weight.grad, deferred.weight.grad)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb1p", "dualpipev"])
+def test_after_backward_sees_every_backward_pass(schedule):
+    """ZeRO-2's seam: ``after_backward`` runs after each B, I, W and FB, and what it takes from ``.grad`` each
+    time adds up to the step's gradient (here the hook moves the gradients out, as ZeRO-2 reduces and frees them)."""
+    config = _config(1, schedule, 4)
+    built = build_schedule(schedule, 1, 4)
+    placement = built.placement
+    chunks = [placement.info(s).chunk for s in placement.stages_of(0)]
+    stage = PipelineStage(build_model(config), plan_stages(4, placement.num_chunks), chunks)
+    named = dict(stage.named_parameters())
+    taken: dict[str, torch.Tensor] = {}
+    passes: list[set[str]] = []
+
+    def take() -> None:
+        passes.append({n for n, p in named.items() if p.grad is not None})
+        for n in passes[-1]:
+            taken[n] = named[n].grad if n not in taken else taken[n] + named[n].grad
+            named[n].grad = None
+
+    model = build_model(config, device="meta")
+    executor = Executor(
+        stage=stage, placement=placement, pipeline_rank=0, global_rank_of=[0],
+        transport=InMemoryTransport(Mailbox(), 0, timeout_s=5), num_microbatches=4,
+        activation_shape=(2, 16, config.model.dim), num_routers=model.num_routers(),
+        num_experts=config.model.num_routed_experts, after_backward=take,
+    )
+    tokens = _tokens(config)
+    executor.run(built.actions[0], dict(enumerate(tokens.chunk(4))), MTP_WEIGHT)
+
+    backward_kinds = (Kind.B, Kind.I, Kind.W, Kind.FB)
+    assert len(passes) == sum(a.kind in backward_kinds for a in built.compute_actions(0))
+    assert all(p.grad is None for p in named.values())  # nothing was left for the step to find
+    deferred = {n + ".weight" for n, m in stage.named_modules() if isinstance(m, DeferredLinear)}
+    kinds = [a.kind for a in built.compute_actions(0) if a.kind in backward_kinds]
+    for kind, produced in zip(kinds, passes):
+        if kind is Kind.I:
+            assert not produced & deferred  # their weight gradients come with the W
+        if kind is Kind.W:
+            assert produced and produced <= deferred
+    reference, _ = _reference(config, tokens)
+    for name, p in reference.named_parameters():
+        assert _rel(taken[name], p.grad) < 1e-5, name

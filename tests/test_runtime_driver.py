@@ -30,9 +30,31 @@ def test_expert_parallelism_is_refused_by_the_driver():
         Driver(config)
 
 
-def test_zero_stage_2_is_refused_by_the_driver():
-    with pytest.raises(ValueError, match="parallel.zero_stage=2: ZeRO-2 reduces gradients from hooks"):
-        Driver(_config("parallel.zero_stage=2", "parallel.dp=2", "schedule.num_microbatches=2"))
+def test_zero_stage_2_is_refused_where_pipeline_ranks_share_parameters():
+    """ZeRO-2 frees each backward pass's gradients; copies summed across pipeline ranks after the last backward
+    (DualPipe's mirror, the MTP embedding) would come too late."""
+    with pytest.raises(ValueError, match="parallel.zero_stage=2 with schedule.name=dualpipe, parallel.pp=2: DualPipe "
+                                         "keeps two copies .* use schedule.name=dualpipev"):
+        Driver(_config("parallel.zero_stage=2", "parallel.pp=2", "parallel.dp=2", "schedule.name=dualpipe",
+                       "schedule.num_microbatches=4"))
+    for schedule in ("1f1b", "gpipe", "zb1p"):
+        with pytest.raises(ValueError, match=f"parallel.zero_stage=2 with schedule.name={schedule}, parallel.pp=2, "
+                                             f"mtp.depth=1: the MTP modules .* parallel.pp=1, mtp.depth=0"):
+            Driver(_config("parallel.zero_stage=2", "parallel.pp=2", "parallel.dp=2", f"schedule.name={schedule}",
+                           "schedule.num_microbatches=4"))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("parallel.pp=1", "schedule.name=1f1b", "schedule.num_microbatches=2"),
+        ("parallel.pp=1", "schedule.name=zb1p", "schedule.num_microbatches=2"),
+        ("parallel.pp=2", "schedule.name=dualpipev", "schedule.num_microbatches=4"),
+        ("parallel.pp=2", "schedule.name=1f1b", "schedule.num_microbatches=4", "mtp.depth=0"),
+    ],
+)
+def test_zero_stage_2_is_accepted_where_no_parameter_is_shared(overrides):
+    Driver(_config("parallel.zero_stage=2", "parallel.dp=2", *overrides))  # validated; no actor starts
 
 
 def test_experts_not_divisible_by_ep_are_refused():

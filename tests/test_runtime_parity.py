@@ -1,7 +1,8 @@
-"""Distributed (Ray actors, gloo, ZeRO-1) == single-process reference, per layout.
+"""Distributed (Ray actors, gloo, ZeRO-1 / ZeRO-2) == single-process reference, per layout.
 
-Default suite: every schedule at pp=2 dp=1 on one shared worker group, one dp=2 layout (DeepSpeed ZeRO-1) and
-one pp=4 layout. The full matrix {gpipe, 1f1b, zb1p, dualpipe, dualpipev} x pp {2, 4} x dp {1, 2} is ``slow``.
+Default suite: every schedule at pp=2 dp=1 on one shared worker group, one dp=2 layout (DeepSpeed ZeRO-1), one
+pp=4 layout and one ZeRO-2 layout (1f1b pp=1 dp=2). The full matrix {gpipe, 1f1b, zb1p, dualpipe, dualpipev} x
+pp {2, 4} x dp {1, 2} and the other ZeRO-2 layouts are ``slow``.
 
 Tolerances (fp32), the issue's: loss 1e-6 relative, gradients and first-step parameter updates 1e-5 (relative
 norm difference per tensor). The reference adds the micro-batch gradients in the layout's order
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.ray
 SCHEDULES = ("gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev")
 
 
-def layout(schedule: str, pp: int, dp: int, microbatches: int | None = None):
+def layout(schedule: str, pp: int, dp: int, microbatches: int | None = None, *extra: str):
     microbatches = microbatches or 2 * pp
     overrides = [
         f"parallel.pp={pp}",
@@ -37,6 +38,7 @@ def layout(schedule: str, pp: int, dp: int, microbatches: int | None = None):
         f"schedule.name={schedule}",
         f"schedule.num_microbatches={microbatches}",
         f"data.batch_size={max(8, dp * microbatches)}",
+        *extra,
     ]
     if schedule == "dualpipev" and pp == 4:
         overrides.append("model.num_layers=8")  # 2 * pp chunks of >= 1 layer
@@ -113,6 +115,40 @@ def test_pp4_dualpipe(worker_groups):
 @pytest.mark.parametrize("pp", [2, 4])
 def test_full_matrix(worker_groups, schedule, pp, dp):
     check(run(worker_groups, layout(schedule, pp, dp)))
+
+
+def test_zero2_pp1_dp2_partitions_gradients_and_optimizer_state(worker_groups):
+    """ZeRO-2 at pp=1: the reference's gradients and updates, and per rank ~1/dp of the gradients and of the Adam
+    state that replicated AdamW (ZeRO-0, same ranks) holds."""
+    config = layout("1f1b", 1, 2, 2, "parallel.zero_stage=2")
+    replicated = run(worker_groups, layout("1f1b", 1, 2, 2, "parallel.zero_stage=0"), steps=1)
+    sharded = run(worker_groups, config)
+    check(sharded)
+    # Adam state: half, up to ZeRO's alignment padding.
+    for full, part in zip(replicated.optimizer_state_bytes_per_rank, sharded.optimizer_state_bytes_per_rank):
+        assert abs(part - full / 2) <= 0.01 * full, (part, full)
+    # Gradients: half, up to one tensor. DeepSpeed keeps the gradients of its partition's parameters as whole
+    # tensors, so the one straddling the boundary between the two partitions is held by both ranks; the largest
+    # tensor of the debug model is the embedding (vocab x dim, fp32).
+    full = replicated.gradient_bytes_per_rank
+    assert full[0] > 0 and full[0] == full[1]  # replicated: every rank holds every gradient
+    largest = config.model.vocab_size * config.model.dim * 4
+    parts = sharded.gradient_bytes_per_rank
+    assert all(part <= full[0] / 2 + largest for part in parts), (parts, full)
+    assert full[0] <= sum(parts) <= full[0] + largest, (parts, full)
+
+
+ZERO2_SLOW = [
+    ("gpipe", 1), ("zb1p", 1), ("dualpipev", 1),  # pp=1: every schedule that runs there
+    ("dualpipev", 2), ("1f1b", 2, "mtp.depth=0"), ("zb1p", 2, "mtp.depth=0"),  # pp > 1: nothing replicated
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ZERO2_SLOW, ids=lambda c: "-".join(map(str, c)))
+def test_zero2_layouts(worker_groups, case):
+    schedule, pp, *extra = case
+    check(run(worker_groups, layout(schedule, pp, 2, None, "parallel.zero_stage=2", *extra)))
 
 
 def test_bf16_optimizer_states_through_deepspeed_zero(worker_groups):

@@ -11,11 +11,12 @@ import click
 @click.command()
 @click.option("--preset", default="debug", show_default=True, help="Config preset.")
 @click.option("--pp", type=int, default=2, show_default=True, help="Pipeline ranks.")
-@click.option("--dp", type=int, default=1, show_default=True, help="Data-parallel replicas (ZeRO-1 over them).")
+@click.option("--dp", type=int, default=1, show_default=True, help="Data-parallel replicas (ZeRO over them).")
 @click.option("--schedule", "schedule_name", default="1f1b", show_default=True,
               help="gpipe, 1f1b, zb1p, dualpipe or dualpipev.")
 @click.option("--microbatches", type=int, default=None, help="Micro-batches per step (default: 2 * pp).")
-@click.option("--zero-stage", type=int, default=None, help="parallel.zero_stage (default: the preset's, 1).")
+@click.option("--zero-stage", type=click.IntRange(0, 2), default=None,
+              help="parallel.zero_stage: 1 partitions Adam state over dp, 2 also gradients (default: the preset's, 1).")
 @click.option("--steps", type=int, default=1, show_default=True, help="Steps to compare (losses and final weights).")
 @click.option("--address", default=None, help="Ray address ('auto' joins a running cluster; default: local).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -65,12 +66,15 @@ def parity(preset, pp, dp, schedule_name, microbatches, zero_stage, steps, addre
     rows = [
         ("loss (ray / reference)", f"{report.loss:.8f} / {report.loss_ref:.8f}"),
         ("loss_abs_diff", f"{report.loss_abs_diff:.3e}"),
+        ("loss_rel_diff", f"{report.loss_rel_diff:.3e}"),
         ("max_rel_grad_diff", f"{report.max_rel_grad_diff:.3e}  ({report.worst_grad})"),
         ("max_rel_update_diff", f"{report.max_rel_update_diff:.3e}  ({report.worst_update})"),
         ("max_rel_update_diff_same_grads", f"{report.max_rel_update_diff_same_grads:.3e}"),
         ("grad_norm_rel_diff", f"{report.grad_norm_rel_diff:.3e}"),
         ("max_loss_rel_diff_trajectory", f"{report.max_loss_rel_diff_trajectory:.3e}"),
         ("max_rel_param_diff_final", f"{report.max_rel_param_diff_final:.3e}"),
+        ("optimizer_state_bytes_per_rank", " ".join(map(str, report.optimizer_state_bytes_per_rank))),
+        ("gradient_bytes_per_rank", " ".join(map(str, report.gradient_bytes_per_rank))),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

@@ -200,8 +200,6 @@ class ParallelConfig:
         _one_of("parallel", "device", self.device, DEVICES)
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"parallel.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
-        if self.zero_stage == 2 and self.pp > 1:
-            raise ValueError("parallel.zero_stage=2 is not valid with pipeline parallelism (pp > 1); use 1")
         if self.dp % self.ep:
             raise ValueError(f"parallel.dp ({self.dp}) must be divisible by parallel.ep ({self.ep})")
 

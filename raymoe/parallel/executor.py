@@ -25,6 +25,9 @@ The I/W split (``weight_grad.py``): the first time a list contains an I, the sta
 ``DeferredLinear``; an I runs the backward while the executor's ``WeightGradStore`` captures, so the linears
 queue their weight-gradient GEMMs under (stage, micro-batch) instead of running them, and the W of that
 (stage, micro-batch) runs them. I + W computes bitwise what one B computes.
+
+``after_backward`` (optional) is called after every backward pass (B, I, W, an FB's backward): the seam through
+which ZeRO-2 reduces and partitions each pass's gradients (``raymoe.zero``).
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ class Executor:
         num_experts: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        after_backward: Callable[[], None] | None = None,
     ) -> None:
         self.stage = stage
         self.placement = placement
@@ -116,6 +120,7 @@ class Executor:
             raise ValueError(f"placement puts chunks {missing} on rank {pipeline_rank}, the stage holds {stage.chunks}")
         self.weight_grads = WeightGradStore()
         self._deferring = False
+        self._after_backward = after_backward or (lambda: None)
 
     # -- one step ------------------------------------------------------------------------------------------------
     def run(self, actions: Sequence[Action], tokens: Mapping[int, torch.Tensor], mtp_weight: float) -> StepOutcome:
@@ -281,6 +286,7 @@ class Executor:
                 torch.autograd.backward(saved.tensors, grads)
         else:
             torch.autograd.backward(saved.tensors, grads)
+        self._after_backward()
         if saved.x_BTD is None:  # a first stage: no input gradient to hand on
             return
         dx_BTD = saved.x_BTD.grad
@@ -295,6 +301,7 @@ class Executor:
         except LookupError:
             raise RuntimeError(f"rank {self.pipeline_rank}: {action} without an earlier I of the same stage and "
                                f"micro-batch") from None
+        self._after_backward()
 
     # -- end of step ---------------------------------------------------------------------------------------------
     def _check_drained(self) -> None:

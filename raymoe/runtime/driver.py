@@ -103,15 +103,30 @@ def validate_layout(config: Config) -> tuple[Schedule, StagePlan]:
             f"parallel.ep={p.ep}: expert parallelism is not available in this runtime yet; use parallel.ep=1 "
             f"(experts are then replicated like dense layers, data-parallel over parallel.dp={p.dp})"
         )
-    if p.zero_stage == 2:
-        raise ValueError(
-            "parallel.zero_stage=2: ZeRO-2 reduces gradients from hooks inside DeepSpeed's own backward, which this "
-            "runtime's executor does not call; use parallel.zero_stage=1 (the stage DeepSeek-V3 ran with its "
-            "pipeline) or 0"
-        )
     schedule = build_schedule(config.schedule.name, p.pp, config.schedule.num_microbatches)
+    if p.zero_stage == 2 and p.pp > 1:
+        _check_zero2_with_pipeline(config, schedule.placement.family)
     plan = plan_stages(config.model.num_layers, schedule.placement.num_chunks, p.stage_layers)
     return schedule, plan
+
+
+def _check_zero2_with_pipeline(config: Config, family: str) -> None:
+    """ZeRO-2 reduces and frees each backward pass's gradients at once; parameters copied on two pipeline ranks
+    (``raymoe.parallel.stage_plan.grad_sync_plan``) are summed after the last backward, too late for it."""
+    p, name = config.parallel, config.schedule.name
+    if family == "dualpipe":
+        raise ValueError(
+            f"parallel.zero_stage=2 with schedule.name={name}, parallel.pp={p.pp}: DualPipe keeps two copies of "
+            f"every stage whose gradients are summed after the last backward, when ZeRO-2 has already reduced and "
+            f"freed them; use schedule.name=dualpipev (one copy) or parallel.zero_stage=1"
+        )
+    if family == "one-per-rank" and config.mtp.depth > 0:
+        raise ValueError(
+            f"parallel.zero_stage=2 with schedule.name={name}, parallel.pp={p.pp}, mtp.depth={config.mtp.depth}: the "
+            f"MTP modules on the last stage use a copy of the first stage's embedding, whose gradients are summed "
+            f"after the last backward, when ZeRO-2 has already reduced and freed them; use schedule.name=dualpipev "
+            f"(first and last stage on one rank), parallel.pp=1, mtp.depth=0 or parallel.zero_stage=1"
+        )
 
 
 @dataclass

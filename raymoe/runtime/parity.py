@@ -61,6 +61,8 @@ class ParityReport:
     losses: list[float] = field(default_factory=list)
     optimizer_state_bytes_per_rank: list[int] = field(default_factory=list)
     """Adam moments per rank after the first step (ZeRO-1: 1/dp of the stage's)."""
+    gradient_bytes_per_rank: list[int] = field(default_factory=list)
+    """Gradient bytes per rank when the first step began (ZeRO-2: ~1/dp of the stage's)."""
     losses_ref: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -94,10 +96,14 @@ def reduction_tree(config: Config) -> list:
     Rank (pp, d) accumulates the micro-batches of dp shard d (global indices d*M .. d*M+M-1) into its gradient
     buffers; under DualPipe each of the two model copies accumulates half of them (copy 0 the first half) and the
     mirrored ranks then sum the copies; finally the dp all-reduce sums the shards. Two-way sums are exact in either
-    order, so matching the tree makes the gradients bitwise equal where nothing else differs.
+    order, so matching the tree makes the gradients bitwise equal where nothing else differs. ZeRO-2 turns the
+    order around: it reduces each backward pass's gradients over dp at once (micro-batch m of every shard), and
+    then accumulates those sums over m.
     """
     p, s = config.parallel, config.schedule
     per_rank = s.num_microbatches
+    if p.zero_stage == 2 and p.dp > 1:
+        return [[d * per_rank + m for d in range(p.dp)] for m in range(per_rank)]
 
     def shard(d: int) -> list:
         indices = list(range(d * per_rank, (d + 1) * per_rank))
@@ -161,6 +167,7 @@ def _run_parity(config: Config, *, steps: int, worker_group) -> ParityReport:
         max_loss_rel_diff_trajectory=max(abs(a - b) / abs(b) for a, b in zip(losses, losses_ref)),
         losses=losses, losses_ref=losses_ref,
         optimizer_state_bytes_per_rank=first["optimizer_state_bytes"],
+        gradient_bytes_per_rank=first["gradient_bytes"],
     )
 
 
@@ -197,6 +204,7 @@ def _first_step(config: Config, reference: ReferenceTrainer, driver: Driver, tok
         "update": max(update_diffs),
         "update_same_grads": _update_from_distributed_grads(config, optimizer_before, report.results, record_ref),
         "optimizer_state_bytes": [r.optimizer_state_bytes for r in report.results],
+        "gradient_bytes": [r.optimizer_grad_bytes for r in report.results],
     }
 
 

@@ -57,6 +57,8 @@ class StepResult:
     optimizer_state_bytes: int
     """Adam moments held by this rank: 1/dp of the stage's under ZeRO."""
     optimizer_master_bytes: int
+    optimizer_grad_bytes: int = 0
+    """Gradients held when the step began: the full .grad of every parameter, or ZeRO-2's ~1/dp partition."""
     peak_memory_bytes: int
     """Peak resident memory of the worker process (CPU) or peak allocated device memory (CUDA)."""
     grads: dict[str, torch.Tensor] | None = None

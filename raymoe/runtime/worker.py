@@ -110,7 +110,7 @@ class Worker:
             activation_shape=(config.micro_batch_size, config.data.seq_len, config.model.dim),
             # activations between stages are fp32: parameters are fp32 master weights and bf16 is autocast compute
             num_routers=num_routers, num_experts=num_experts, dtype=torch.float32,
-            device=self.device,
+            device=self.device, after_backward=optimizer.after_backward,
         )
         self.layouts[key] = _Layout(config, stage, tuple(actions), executor, optimizer, sync)
         return LoadInfo(
@@ -166,7 +166,7 @@ class Worker:
         opt_start = time.perf_counter()
         named = dict(layout.stage.named_parameters())
         self._sum_replicas(named, layout.sync)
-        captured = self._capture(named) if inputs.capture else {}
+        captured = self._capture(named, layout.optimizer) if inputs.capture else {}
         grad_norm = layout.optimizer.step(inputs.lr)
         if inputs.capture:
             captured["params_after"] = {n: t.detach().cpu().clone() for n, t in named.items()}
@@ -182,7 +182,7 @@ class Worker:
             recv_wait_s=outcome.recv_wait_s, send_wait_s=outcome.send_wait_s,
             peak_live_activations=outcome.peak_live_activations, param_bytes=_bytes(named.values()),
             optimizer_state_bytes=memory.state_bytes, optimizer_master_bytes=memory.master_bytes,
-            peak_memory_bytes=self._peak_memory(), **captured,
+            optimizer_grad_bytes=memory.grad_bytes, peak_memory_bytes=self._peak_memory(), **captured,
         )
 
     def _sum_replicas(self, named: dict[str, torch.nn.Parameter], sync: GradSync) -> None:
@@ -192,13 +192,11 @@ class Worker:
                 grads = [_grad(named[n]) for n in sorted(names)]
                 all_reduce_sum(grads, group)
 
-    def _capture(self, named: dict[str, torch.nn.Parameter]) -> dict:
+    def _capture(self, named: dict[str, torch.nn.Parameter], optimizer) -> dict:
         """dp-averaged gradients (before clipping) and parameters before the update, for parity checks."""
-        grads = [_grad(p).detach().clone() for p in named.values()]
-        all_reduce_sum(grads, self.groups.dp)
-        scale = 1.0 / self.topology.dp
+        grads = optimizer.mean_gradients(list(named.values()))
         return {
-            "grads": {n: (g * scale).cpu() for n, g in zip(named, grads)},
+            "grads": {n: g.cpu() for n, g in zip(named, grads)},
             "params_before": {n: t.detach().cpu().clone() for n, t in named.items()},
         }
 
