@@ -31,7 +31,8 @@ def result(rank, timings, state, master=0, extra=None):
                       num_loss_microbatches=1, counts_RE=torch.zeros(2, 4, dtype=torch.int64), grad_norm=1.0,
                       timings=tuple(ActionTiming(kind=k, stage=s, microbatch=m, start_s=a, end_s=b)
                                     for k, s, m, a, b in timings),
-                      step_s=0.5, compute_s=0.3, optimizer_s=0.01, recv_wait_s=0.0, send_wait_s=0.0,
+                      timings_origin_s=0.0, step_s=0.5, compute_s=0.3, optimizer_s=0.01, recv_wait_s=0.0,
+                      send_wait_s=0.0,
                       peak_live_activations=1, param_bytes=1024, optimizer_state_bytes=state,
                       optimizer_master_bytes=master, peak_memory_bytes=1 << 20, extra=extra or {})
 

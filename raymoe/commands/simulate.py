@@ -43,7 +43,8 @@ def _costs(ctx, param, value):
               help="Micro-batches per step (default 2*pp, the least DualPipe accepts).")
 @click.option("--cost", "costs", default=DEFAULT_COST, show_default=True, callback=_costs,
               help="Per-kind costs KEY=VALUE,...: F, B (full backward), W (weight half of B), FB (overlapped "
-                   "F&B chunk, default F+B), P2P (transfer latency, default 0).")
+                   "F&B chunk, default F+B), P2P (transfer latency once both ends are posted, default "
+                   "0); KIND@CHUNK=VALUE (KIND F, B, I, W or FB) overrides one kind's cost on one model chunk.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the timeline PNG here.")
 @click.option("--compare", is_flag=True, help="Simulate every schedule with these pp, micro-batches and costs.")

@@ -66,6 +66,10 @@ class StepOutcome:
     """Micro-batches whose loss this rank computed (its last stages'); 0 on ranks without a last stage."""
     counts_RE: torch.Tensor
     timings: list[ActionTiming] = field(default_factory=list)
+    origin_s: float = 0.0
+    """``time.perf_counter()`` when the step started: the origin of ``timings``. On Linux it reads
+    CLOCK_MONOTONIC, so origins of processes on one host are comparable (start skew between ranks); across hosts
+    they are not."""
     recv_wait_s: float = 0.0
     """Time spent waiting for received tensors (outside the compute timings)."""
     send_wait_s: float = 0.0
@@ -325,6 +329,7 @@ class Executor:
             num_loss_microbatches=self._loss_microbatches,
             counts_RE=self._counts_RE.cpu(),
             timings=self._timings,
+            origin_s=self._t0,
             recv_wait_s=self._recv_wait,
             send_wait_s=self._send_wait,
             peak_live_activations=self._peak_live,

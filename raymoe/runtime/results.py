@@ -44,6 +44,9 @@ class StepResult:
     grad_norm: float
     """Global gradient norm (whole pipeline, dp-averaged) before clipping; the same on every rank."""
     timings: tuple[ActionTiming, ...]
+    timings_origin_s: float
+    """``time.perf_counter()`` on this worker when ``timings`` start (the executor's clock origin); comparable
+    between workers of one host only (start skew), not across hosts."""
     step_s: float
     """Wall time of ``run_step`` on the worker."""
     compute_s: float

@@ -177,7 +177,7 @@ class Worker:
             rank=self.rank, pp_rank=self.coord.pp_rank, dp_rank=self.coord.dp_rank, step=inputs.step,
             main_ce=outcome.main_ce, mtp_ce=outcome.mtp_ce, balance=outcome.balance,
             num_loss_microbatches=outcome.num_loss_microbatches, counts_RE=outcome.counts_RE, grad_norm=grad_norm,
-            timings=tuple(outcome.timings), step_s=end - start,
+            timings=tuple(outcome.timings), timings_origin_s=outcome.origin_s, step_s=end - start,
             compute_s=sum(t.end_s - t.start_s for t in outcome.timings), optimizer_s=end - opt_start,
             recv_wait_s=outcome.recv_wait_s, send_wait_s=outcome.send_wait_s,
             peak_live_activations=outcome.peak_live_activations, param_bytes=_bytes(named.values()),

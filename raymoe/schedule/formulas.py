@@ -57,6 +57,8 @@ def formula_conditions(name: str, costs: Costs) -> list[str]:
     unmet = []
     if costs.p2p:
         unmet.append(f"P2P={costs.p2p:g} must be 0 (the formulas ignore communication)")
+    if costs.per_chunk:
+        unmet.append("no per-chunk costs (the formulas assume stages of equal cost)")
     if name == "zb1p" and w > min(f, i):
         unmet.append(f"W={w:g} must be <= F={f:g} and <= B-W={i:g}, so a deferred W fits the gaps it fills")
     if name in ("dualpipe", "dualpipev"):
