@@ -152,4 +152,5 @@ def test_stopped_job_leaves_an_intact_run_directory_and_a_usable_checkpoint(head
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(target))
     events = [json.loads(line)["event"] for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    assert events[:3] == ["checkpoint", "stopped", "resumed"]
+    stop = events.index("stopped")  # periodic checkpoints (cpu_smoke saves every 2 steps) come before it
+    assert events[stop - 1 : stop + 2] == ["checkpoint", "stopped", "resumed"]

@@ -54,8 +54,9 @@ def test_resume_is_bitwise_the_uninterrupted_run_pp2(worker_groups, tmp_path):
     assert sorted(f.name for f in path.iterdir()) == ["manifest.json", "rank-00000.pt", "rank-00001.pt"]
 
 
-def test_resume_restores_deepspeed_zero1_partitions_bitwise(worker_groups, tmp_path):
-    config = _config("parallel.dp=2", "schedule.num_microbatches=2")
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_resume_restores_deepspeed_zero_partitions_bitwise(worker_groups, tmp_path, zero_stage):
+    config = _config("parallel.dp=2", "schedule.num_microbatches=2", f"parallel.zero_stage={zero_stage}")
     straight, resumed, manifest, _ = _straight_then_resumed(worker_groups, config, tmp_path, split=2)
     assert _losses(resumed) == _losses(straight[2:])
     assert [(s.rank, s.dp_rank) for s in manifest.shards] == [(0, 0), (1, 1)]
