@@ -382,3 +382,78 @@ def test_checkpoint_storage_the_workers_cannot_see_is_refused_at_start(tmp_path)
     with pytest.raises(ValueError, match=r"checkpoint_dir '.*ckpt' is not visible to workers \[1\]"):
         driver.check_checkpoint_storage(CheckpointStore(tmp_path / "ckpt"))
     assert os.listdir(tmp_path / "ckpt") == []  # the probe file is gone
+
+
+# -- export (consolidated model) ---------------------------------------------------------------------------------
+def _model_checkpoint(root, *, tamper: str | None = None, drop: str | None = None):
+    """Two shards of the debug model: rank 0 has everything but the head, rank 1 the head and a tied embed copy."""
+    from raymoe.model import build_model
+
+    config = load_config("debug")
+    params = {n: p.detach().clone() for n, p in build_model(config, seed=0).named_parameters()}
+    rank0 = {n: t for n, t in params.items() if n != "head.weight" and n != drop}
+    rank1 = {"head.weight": params["head.weight"], "embed.weight": params["embed.weight"].clone()}
+    if tamper:
+        rank1[tamper] = rank1[tamper] + 1e-3
+    store = CheckpointStore(root)
+    staging = store.begin(5)
+    shards = [ShardEntry(rank=r, pp_rank=r, dp_rank=0, **save_shard(staging, r, model=m, optimizer={}))
+              for r, m in enumerate((rank0, rank1))]
+    manifest = _manifest(5, shards=shards, config=config)
+    manifest = Manifest.from_dict({**json.loads(manifest.to_json()),
+                                   "layout": {**asdict(manifest.layout), "pp": 2},
+                                   "routing_bias_RE": [[0.01 * e for e in range(8)] for _ in range(4)]})
+    return store.commit(staging, manifest), params
+
+
+def test_export_is_the_union_of_shards_and_checks_copies(tmp_path):
+    from raymoe.checkpoint.export import BIAS, check_export, export_safetensors, load_export
+
+    path, params = _model_checkpoint(tmp_path / "a")
+    out = export_safetensors(path, tmp_path / "model.safetensors", dtype="bf16")
+    tensors, metadata = load_export(out)
+    assert set(tensors) == set(params) | {BIAS} and metadata["raymoe_step"] == "5"
+    assert tensors["head.weight"].dtype == torch.bfloat16 and tensors[BIAS].dtype == torch.float32
+    assert torch.equal(tensors["embed.weight"], params["embed.weight"].bfloat16())
+    check_export(out, load_config("debug"))
+    with pytest.raises(ValueError, match=r"does not fit this model .*missing \['layers.4"):
+        check_export(out, load_config("debug", ["model.num_layers=6"]))
+    with pytest.raises(ValueError, match=r"embed.weight has shape \(260, 64\), this model's is \(300, 64\)"):
+        check_export(out, load_config("debug", ["model.vocab_size=300"]))
+
+    bad, _ = _model_checkpoint(tmp_path / "b", tamper="embed.weight")
+    with pytest.raises(ValueError, match="the copies of embed.weight on ranks 0 and 1 differ"):
+        export_safetensors(bad, tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()
+    short, _ = _model_checkpoint(tmp_path / "c", drop="norm.weight")
+    with pytest.raises(ValueError, match=r"shards do not add up to the model \(missing \['norm.weight'\]"):
+        export_safetensors(short, tmp_path / "short.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="junk.safetensors' is not a readable safetensors file"):
+        load_export(tmp_path / "junk.safetensors")
+
+
+def test_the_reference_trainer_starts_from_an_export(tmp_path):
+    from raymoe.checkpoint.export import BIAS, export_safetensors
+    from raymoe.train import ReferenceTrainer
+
+    path, params = _model_checkpoint(tmp_path / "a")
+    out = export_safetensors(path, tmp_path / "model.safetensors")
+    trainer = ReferenceTrainer(load_config("debug", [f"run.init_from={out}", "run.seed=123"]))
+    assert all(torch.equal(p, params[n]) for n, p in trainer.model.named_parameters())
+    assert torch.allclose(trainer.routing_bias_RE[0], torch.arange(8) * 0.01) and BIAS not in params
+    with pytest.raises(ValueError, match="model export '.*nope.safetensors' does not exist"):
+        ReferenceTrainer(load_config("debug", [f"run.init_from={tmp_path / 'nope.safetensors'}"]))
+
+
+def test_checkpoint_export_command(tmp_path):
+    from click.testing import CliRunner
+
+    from raymoe.cli import main
+
+    _model_checkpoint(tmp_path / "run" / "checkpoints")
+    out = tmp_path / "m.safetensors"
+    result = CliRunner().invoke(main, ["checkpoint", "export", str(tmp_path / "run"), "--out", str(out)])
+    assert result.exit_code == 0 and "step-00000005 -> " in result.output and out.is_file(), result.output
+    result = CliRunner().invoke(main, ["train", "--resume", str(tmp_path / "run"), "--init-from", str(out)])
+    assert result.exit_code != 0 and "pick one" in result.output

@@ -7,6 +7,7 @@ seed), so the resumed run starts from nothing but the checkpoint.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from raymoe.checkpoint import CheckpointStore, Manifest
 from raymoe.config import load_config
@@ -128,3 +129,33 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_as_if_nothing_happened(wor
     assert _losses(records) == _losses(calm)  # bitwise: the redone steps are the steps of the calm run
     assert (out / "metrics.superseded.jsonl").is_file() or recovered[0]["resumed_at_step"] == \
         recovered[0]["failed_at_step"]
+
+
+def test_export_consolidates_shards_and_another_layout_starts_from_it(worker_groups, tmp_path):
+    """DualPipe pp=2 (mirrored stages, tied embedding) -> one safetensors file -> the single-process trainer with
+    ``run.init_from``: on the same next batch it computes the same loss as the run it came from."""
+    from raymoe.checkpoint.export import BIAS, export_safetensors, load_export
+    from raymoe.runtime.driver import Driver
+    from raymoe.train import ReferenceTrainer
+
+    config = _config("parallel.pp=2", "schedule.name=dualpipe", "schedule.num_microbatches=4")
+    driver = Driver(config, worker_group=worker_groups.get(Topology(pp=2, dp=1))).start()
+    for _ in range(2):
+        driver.step()
+    path = driver.save_checkpoint(CheckpointStore(tmp_path / "checkpoints"))
+    next_batch = driver.batches.next_batch()
+    continued = driver.step(next_batch).record
+    driver.finish()
+
+    out = export_safetensors(path, tmp_path / "model.safetensors")
+    tensors, metadata = load_export(out)
+    assert metadata["raymoe_step"] == "2" and "dim: 64" in metadata["raymoe_config"]
+    assert tensors[BIAS].tolist() == Manifest.read(path).routing_bias_RE
+
+    other = load_config("debug", ["run.steps=4", f"run.init_from={out}"])  # pp=1: another layout
+    trainer = ReferenceTrainer(other)
+    assert torch.equal(trainer.routing_bias_RE, tensors[BIAS])
+    trainer.step_index = 2  # the same learning rate; the weights and biases are what the export carries
+    record = trainer.step(next_batch)
+    assert abs(record["loss"] - continued["loss"]) <= 1e-6 * continued["loss"], (record["loss"], continued["loss"])
+    assert abs(record["mtp_loss"] - continued["mtp_loss"]) <= 1e-6 * continued["mtp_loss"]

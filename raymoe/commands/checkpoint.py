@@ -50,3 +50,23 @@ def inspect(path, verify) -> None:
                    f"{shard.bytes / 2**20:8.2f} MiB  {status}")
     if bad:
         raise click.ClickException(f"{bad} of {len(manifest.shards)} shards are missing or damaged")
+
+
+@checkpoint.command()
+@click.argument("path", type=click.Path())
+@click.option("--out", "out", required=True, type=click.Path(), help="The .safetensors file to write.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="fp32: the master weights as trained; bf16: half the size, for inference.")
+def export(path, out, dtype) -> None:
+    """Write the whole model of a checkpoint (PATH: run dir, checkpoints/ or step-*/) as one safetensors file.
+
+    Start a run of any layout from it with `raymoe train --init-from FILE`."""
+    from raymoe.checkpoint import resolve_checkpoint
+    from raymoe.checkpoint.export import export_safetensors
+
+    try:
+        chosen = resolve_checkpoint(path)
+        written = export_safetensors(chosen, out, dtype=dtype)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"exported {chosen} -> {written} ({written.stat().st_size / 2**20:.1f} MiB, {dtype})")

@@ -13,6 +13,8 @@ import click
 @click.option("--address", default=None, help="Ray cluster address ('auto' joins a running cluster).")
 @click.option("--checkpoint-every", type=int, default=None,
               help="Save a checkpoint every K steps and at the end (run.checkpoint_every; 0: only when stopped).")
+@click.option("--init-from", "init_from", default=None, type=click.Path(),
+              help="Start from a model export's weights (`raymoe checkpoint export`), in any layout (run.init_from).")
 @click.option("--resume", "resume", default=None, type=click.Path(),
               help="Continue a saved run: a run directory, its checkpoints/ directory or one step-*/ checkpoint. "
                    "The run's own config is used; OVERRIDES may change only optim/routing/run settings.")
@@ -24,16 +26,20 @@ import click
     help="ray: workers are Ray actors; local: the single-process reference trainer in this process.",
 )
 @click.argument("overrides", nargs=-1)
-def train(preset, config_file, steps, out_dir, address, checkpoint_every, resume, engine, overrides) -> None:
+def train(preset, config_file, steps, out_dir, address, checkpoint_every, init_from, resume, engine,
+          overrides) -> None:
     """Train a model. OVERRIDES are key=value pairs, e.g. model.num_layers=6 optim.lr=3e-4."""
     from raymoe.config import load_config
 
     extra = list(overrides)
     for key, value in (("run.steps", steps), ("run.out_dir", out_dir), ("run.ray_address", address),
-                       ("run.checkpoint_every", checkpoint_every)):
+                       ("run.checkpoint_every", checkpoint_every), ("run.init_from", init_from)):
         if value is not None:
             extra.append(f"{key}={value}")
     checkpoint = None
+    if resume is not None and init_from is not None:
+        raise click.BadParameter("--resume continues a run exactly; --init-from starts a new one from weights: "
+                                 "pick one")
     try:
         if resume is not None:
             checkpoint, config = _resumed_config(resume, preset, config_file, extra)
@@ -74,4 +80,5 @@ def _resumed_config(resume, preset, config_file, overrides):
         raise ValueError("--resume continues a run with its own saved config; drop --preset/--config "
                          "(key=value overrides still apply)")
     checkpoint = resolve_checkpoint(resume)
-    return checkpoint, config_of(Manifest.read(checkpoint), overrides)
+    # The checkpoint holds the weights: a run that was started from an export does not read it again.
+    return checkpoint, config_of(Manifest.read(checkpoint), [*overrides, "run.init_from=''"])

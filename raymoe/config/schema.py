@@ -271,6 +271,9 @@ class RunConfig:
     max_failures: int = 0
     """Worker failures (a dead actor, a failed step or save) survived by restarting the workers from the last
     checkpoint of this run (or from the start, before the first one); 0 stops at the first failure."""
+    init_from: str = ""
+    """A model export (``raymoe checkpoint export``): start from its weights and routing biases, in any layout,
+    with a fresh optimizer and data from the start (``--resume`` continues a run exactly, in its own layout)."""
     checkpoint_dir: str = ""
     """Where checkpoints go; empty means ``<out_dir>/checkpoints``. Every worker writes its own shard there, so
     on a multi-node cluster it must be storage all nodes share."""

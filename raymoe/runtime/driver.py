@@ -174,6 +174,12 @@ class Driver:
         self.tokens_seen = 0
         num_routers = len(router_slots(config.model, config.mtp.depth))
         self.routing_bias_RE = torch.zeros(num_routers, config.model.num_routed_experts)
+        if config.run.init_from:  # checked before any worker starts; the biases come with the weights
+            from raymoe.checkpoint.export import BIAS, check_export, read_tensors
+
+            check_export(config.run.init_from, config)
+            self.routing_bias_RE = read_tensors(config.run.init_from, [BIAS])[BIAS].float()
+        self._initial_bias_RE = self.routing_bias_RE.clone()
         self.load_info: list[LoadInfo] = []
         self._needed = self._microbatches_per_pipeline_rank()
 
@@ -233,7 +239,7 @@ class Driver:
             self._fail(exc)
             raise
         self.step_index, self.tokens_seen = 0, 0
-        self.routing_bias_RE = torch.zeros_like(self.routing_bias_RE)
+        self.routing_bias_RE = self._initial_bias_RE.clone()
         if not self._given_batches:
             self._batches = None  # reopened at the start of the data, or at the checkpoint's cursor
         self._transition(DriverState.RUNNING, f"recovered from {checkpoint or 'the start'}")

@@ -95,6 +95,12 @@ class Worker:
         chunks = [placement.info(s).chunk for s in placement.stages_of(pp_rank)]
         stage = PipelineStage(model, plan, chunks)
         del model
+        if config.run.init_from:  # weights of an export, whatever layout wrote it: this stage reads its own
+            from raymoe.checkpoint import copy_parameters
+            from raymoe.checkpoint.export import read_tensors
+
+            params = dict(stage.named_parameters())
+            copy_parameters(params, read_tensors(config.run.init_from, params), source=config.run.init_from)
         sync = grad_sync_plan(placement.family, p.pp, pp_rank, stage)
         named = dict(stage.named_parameters())
         optimizer = build_optimizer(

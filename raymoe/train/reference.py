@@ -34,6 +34,14 @@ class ReferenceTrainer:
             self.model.named_parameters(), config.optim, bf16_moments=config.precision.bf16_optimizer_states
         )
         self.routing_bias_RE = self.model.routing_biases()
+        if config.run.init_from:  # the weights and routing biases of a model export (any layout wrote it)
+            from raymoe.checkpoint import copy_parameters
+            from raymoe.checkpoint.export import BIAS, check_export, read_tensors
+
+            check_export(config.run.init_from, config)
+            params = dict(self.model.named_parameters())
+            copy_parameters(params, read_tensors(config.run.init_from, params), source=config.run.init_from)
+            self.routing_bias_RE = read_tensors(config.run.init_from, [BIAS])[BIAS].float()
         self.step_index = 0
         self.tokens_seen = 0
         self._batches = batches

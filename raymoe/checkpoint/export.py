@@ -1,0 +1,120 @@
+"""One checkpoint, many shards -> one ``.safetensors`` file of the whole model, for inference or a new layout.
+
+Shards are cut by pipeline stage and repeated across replicas (dp ranks, DualPipe's mirrored copies, the tied
+embedding), and a stage's parameters keep the full model's names. Consolidating is therefore a union by name;
+every repeated tensor must be bitwise equal to its other copies (they take the same step), which is checked, and
+the result must be exactly the parameter set of the model the manifest's config builds (checked on the ``meta``
+device, nothing allocated), plus the routing biases. The optimizer state is not exported: a run started from an
+export (``run.init_from``, any layout) starts its optimizer fresh.
+
+safetensors stores raw tensors and a string-to-string header, so nothing in an export can execute on load. The
+header carries the config (YAML) and the step, so an export is self-describing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from raymoe.checkpoint.files import write_atomic
+from raymoe.checkpoint.manifest import Manifest
+from raymoe.checkpoint.shard import load_shard
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BIAS = "routing_bias_RE"
+"""The aux-loss-free balancing biases (routers x experts): not parameters, but routing needs them at inference."""
+
+
+def consolidate(checkpoint: Path) -> tuple[dict[str, torch.Tensor], Manifest]:
+    """The full model's parameters from all shards of ``checkpoint`` (checksums verified, copies compared)."""
+    from raymoe.checkpoint.compat import config_of
+    from raymoe.model import build_model
+
+    checkpoint = Path(checkpoint)
+    manifest = Manifest.read(checkpoint)
+    tensors: dict[str, torch.Tensor] = {}
+    owner: dict[str, int] = {}
+    for shard in sorted(manifest.shards, key=lambda s: s.rank):
+        payload = load_shard(checkpoint / shard.file, rank=shard.rank, sha256=shard.sha256)
+        for name, tensor in payload["model"].items():
+            if name not in tensors:
+                tensors[name], owner[name] = tensor, shard.rank
+            elif not torch.equal(tensors[name], tensor):
+                raise ValueError(f"{checkpoint}: the copies of {name} on ranks {owner[name]} and {shard.rank} "
+                                 f"differ; replicas must be identical")
+    expected = dict(build_model(config_of(manifest), device="meta").named_parameters())
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{checkpoint}: shards do not add up to the model (missing {missing[:4]}, unexpected "
+                         f"{extra[:4]})")
+    for name, param in expected.items():
+        if tuple(tensors[name].shape) != tuple(param.shape):
+            raise ValueError(f"{checkpoint}: {name} has shape {tuple(tensors[name].shape)}, the model's is "
+                             f"{tuple(param.shape)}")
+    return {name: tensors[name] for name in expected}, manifest
+
+
+def export_safetensors(checkpoint: Path, out: Path, *, dtype: str = "fp32") -> Path:
+    """Write the consolidated model to ``out`` (atomically); ``dtype`` fp32 (the master weights) or bf16."""
+    from safetensors.torch import save
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    tensors, manifest = consolidate(checkpoint)
+    tensors = {name: t.to(DTYPES[dtype]).contiguous() for name, t in tensors.items()}
+    tensors[BIAS] = torch.tensor(manifest.routing_bias_RE, dtype=torch.float32)  # fp32 always: a selection input
+    metadata = {"format": "pt", "raymoe_step": str(manifest.step), "raymoe_config": manifest.config_yaml}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    blob = save(tensors, metadata=metadata)
+    write_atomic(out, lambda f: f.write(blob))
+    return out
+
+
+def check_export(path: Path, config) -> None:
+    """Before any worker starts: ``path`` is an export whose tensors are exactly ``config``'s model parameters
+    (names and shapes, read from the header only) plus the routing biases."""
+    from raymoe.model import build_model
+
+    header = _header(path)
+    model = build_model(config, device="meta")
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    expected[BIAS] = (model.num_routers(), config.model.num_routed_experts)
+    missing, extra = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    if missing or extra:
+        raise ValueError(f"model export {str(path)!r} does not fit this model (missing {missing[:4]}, unexpected "
+                         f"{extra[:4]}); was it exported from another config?")
+    for name, shape in expected.items():
+        if header[name] != shape:
+            raise ValueError(f"model export {str(path)!r}: {name} has shape {header[name]}, this model's is {shape}")
+
+
+def read_tensors(path: Path, names) -> dict[str, torch.Tensor]:
+    """Only the tensors ``names`` (a pipeline stage reads its own chunk's, not the whole model)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {name: f.get_tensor(name) for name in names}
+
+
+def _header(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"model export {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {exc}") from None
+
+
+def load_export(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(every tensor, the header's metadata) of an export; ValueError naming the file if it is not one."""
+    from safetensors import safe_open
+
+    names = _header(path)  # checks that it exists and parses
+    with safe_open(str(path), framework="pt") as f:
+        return {name: f.get_tensor(name) for name in names}, dict(f.metadata() or {})
