@@ -159,3 +159,12 @@ def test_export_consolidates_shards_and_another_layout_starts_from_it(worker_gro
     record = trainer.step(next_batch)
     assert abs(record["loss"] - continued["loss"]) <= 1e-6 * continued["loss"], (record["loss"], continued["loss"])
     assert abs(record["mtp_loss"] - continued["mtp_loss"]) <= 1e-6 * continued["mtp_loss"]
+
+    # ... and so does a Ray layout of another schedule, whose two workers each read only their stage's tensors.
+    gpipe = load_config("debug", ["run.steps=4", f"run.init_from={out}", "parallel.pp=2", "schedule.name=gpipe",
+                                  "schedule.num_microbatches=4"])
+    ray_driver = Driver(gpipe, worker_group=worker_groups.get(Topology(pp=2, dp=1))).start()
+    ray_driver.step_index = 2
+    ray_record = ray_driver.step(next_batch).record
+    ray_driver.finish()
+    assert abs(ray_record["loss"] - continued["loss"]) <= 1e-6 * continued["loss"]
