@@ -44,6 +44,8 @@ for step in range(2):
     results = [result(0, [("F", 0, 0, 0.0, 0.1), ("B", 0, 0, 0.3, 0.5)], 4096, 1024),
                result(1, [("F", 1, 0, 0.1, 0.2), ("B", 1, 0, 0.2, 0.3)], 2048, extra={"all_to_all_bytes": 512})]
     exporter.record(record, results)
+exporter.checkpoint(1.25, 4 << 20)
+exporter.recovery()
 exporter.close()
 print("recorded", flush=True)
 time.sleep(120)  # keep the core worker (the metrics' source) alive while the test scrapes
@@ -62,6 +64,9 @@ EXPECTED = {
     "ray_raymoe_param_bytes": {"rank": "0"},
     "ray_raymoe_peak_memory_bytes": {"rank": "1"},
     "ray_raymoe_steps_total": {"run": "metrics-test"},
+    "ray_raymoe_checkpoint_seconds": {"run": "metrics-test"},
+    "ray_raymoe_checkpoints_total": {"run": "metrics-test"},
+    "ray_raymoe_recoveries_total": {"run": "metrics-test"},
 }
 
 
@@ -142,5 +147,7 @@ def test_metrics_reach_the_prometheus_endpoint(tmp_path):
     assert _find(series, "ray_raymoe_pipeline_bubble_fraction", {"rank": "0"}) == pytest.approx(0.4)
     assert _find(series, "ray_raymoe_pipeline_bubble_fraction", {"rank": "1"}) == pytest.approx(0.6)
     assert _find(series, "ray_raymoe_steps_total", {}) == pytest.approx(2)
+    assert _find(series, "ray_raymoe_checkpoint_bytes", {}) == pytest.approx(4 << 20)
+    assert _find(series, "ray_raymoe_recoveries_total", {}) == pytest.approx(1)
     rows = [json.loads(line) for line in actions_path.read_text().splitlines()]
     assert len(rows) == 8 and {r["rank"] for r in rows} == {0, 1} and {r["step"] for r in rows} == {0, 1}

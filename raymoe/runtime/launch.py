@@ -132,6 +132,7 @@ class _Loop:
         seconds = time.perf_counter() - start
         size = sum(f.stat().st_size for f in path.iterdir())
         self.last_checkpoint = path
+        self.exporter.checkpoint(seconds, size)
         self.run_dir.event("checkpoint", step=self.driver.step_index, path=str(path), seconds=seconds, bytes=size)
         self.bar.write(f"checkpoint {path} ({size / 2**20:.1f} MiB, {seconds:.1f} s)")
 
@@ -143,6 +144,7 @@ class _Loop:
                        f"(failure {self.policy.failures} of {self.policy.max_failures})")
         start = time.perf_counter()
         self.driver.recover(source)
+        self.exporter.recovery()
         self.run_dir.rewind(self.driver.step_index)
         self.run_dir.event("recovered", failed_at_step=failed_at, resumed_at_step=self.driver.step_index,
                            checkpoint=str(source) if source else None, error=f"{type(error).__name__}: {error}",

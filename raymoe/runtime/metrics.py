@@ -21,6 +21,9 @@ dashboard in ``cluster/grafana/raymoe.json`` show them. Every series carries a `
     ray_raymoe_param_bytes                   run, rank         parameters held by the rank
     ray_raymoe_peak_memory_bytes             run, rank         peak worker memory (RSS on CPU, allocated on CUDA)
     ray_raymoe_steps_total / _tokens_total   run               counters
+    ray_raymoe_checkpoint_seconds / _bytes   run               the last checkpoint: time to save, size on disk
+    ray_raymoe_checkpoints_total             run               checkpoints committed
+    ray_raymoe_recoveries_total              run               worker failures recovered from (run.max_failures)
 
 The bubble comes from the workers' measured action timings, computed the same way as ``raymoe report`` does
 (``raymoe/report/timings.py``), per pipeline (the ranks sharing a dp_rank).
@@ -86,8 +89,9 @@ _RANK_GAUGES = {
 
 def prometheus_names() -> set[str]:
     """Every series name the exporter produces, as Prometheus shows it (``ray_`` prefix, counters ``_total``)."""
-    gauges = [*_RUN_GAUGES, *_RANK_GAUGES, "max_vio"]
-    return {f"ray_raymoe_{n}" for n in gauges} | {"ray_raymoe_steps_total", "ray_raymoe_tokens_total"}
+    gauges = [*_RUN_GAUGES, *_RANK_GAUGES, "max_vio", "checkpoint_seconds", "checkpoint_bytes"]
+    counters = ["steps", "tokens", "checkpoints", "recoveries"]
+    return {f"ray_raymoe_{n}" for n in gauges} | {f"ray_raymoe_{n}_total" for n in counters}
 
 
 def all_to_all_bytes(result: RankStepResult) -> int:
@@ -140,6 +144,13 @@ class MetricsExporter:
                               "load in the last step.", tag_keys=("run", "router"))
         self._steps = Counter("raymoe_steps", description="Optimizer steps completed.", tag_keys=("run",))
         self._tokens = Counter("raymoe_tokens", description="Training tokens consumed.", tag_keys=("run",))
+        self._checkpoint_s = Gauge("raymoe_checkpoint_seconds", description="Seconds the last checkpoint took to "
+                                   "save (all shards + manifest).", tag_keys=("run",))
+        self._checkpoint_bytes = Gauge("raymoe_checkpoint_bytes", description="Bytes of the last checkpoint on "
+                                       "disk.", tag_keys=("run",))
+        self._checkpoints = Counter("raymoe_checkpoints", description="Checkpoints committed.", tag_keys=("run",))
+        self._recoveries = Counter("raymoe_recoveries", description="Worker failures recovered from (new workers, "
+                                   "last checkpoint).", tag_keys=("run",))
         self._actions = open(actions_path, "w") if actions_path is not None else None  # noqa: SIM115
 
     @classmethod
@@ -181,6 +192,14 @@ class MetricsExporter:
             "pipeline_bubble_fraction": sum(b for b, _ in bubbles.values()) / max(len(bubbles), 1),
             "all_to_all_bytes": float(sum(all_to_all_bytes(r) for r in worker_results)),
         }
+
+    def checkpoint(self, seconds: float, num_bytes: int) -> None:
+        self._checkpoint_s.set(float(seconds), tags=self._tags)
+        self._checkpoint_bytes.set(float(num_bytes), tags=self._tags)
+        self._checkpoints.inc(1.0, tags=self._tags)
+
+    def recovery(self) -> None:
+        self._recoveries.inc(1.0, tags=self._tags)
 
     def _log_actions(self, step: int, worker_results: Sequence[RankStepResult]) -> None:
         if self._actions is None:
