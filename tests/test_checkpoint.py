@@ -418,7 +418,7 @@ def test_export_is_the_union_of_shards_and_checks_copies(tmp_path):
     check_export(out, load_config("debug"))
     with pytest.raises(ValueError, match=r"does not fit this model .*missing \['layers.4"):
         check_export(out, load_config("debug", ["model.num_layers=6"]))
-    with pytest.raises(ValueError, match=r"embed.weight has shape \(260, 64\), this model's is \(300, 64\)"):
+    with pytest.raises(ValueError, match=r"embed.weight has shape \(260, 64\), the model's is \(300, 64\)"):
         check_export(out, load_config("debug", ["model.vocab_size=300"]))
 
     bad, _ = _model_checkpoint(tmp_path / "b", tamper="embed.weight")

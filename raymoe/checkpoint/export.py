@@ -19,7 +19,7 @@ import torch
 
 from raymoe.checkpoint.files import write_atomic
 from raymoe.checkpoint.manifest import Manifest
-from raymoe.checkpoint.shard import load_shard
+from raymoe.checkpoint.shard import check_names_and_shapes, load_shard
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BIAS = "routing_bias_RE"
@@ -43,15 +43,9 @@ def consolidate(checkpoint: Path) -> tuple[dict[str, torch.Tensor], Manifest]:
             elif not torch.equal(tensors[name], tensor):
                 raise ValueError(f"{checkpoint}: the copies of {name} on ranks {owner[name]} and {shard.rank} "
                                  f"differ; replicas must be identical")
-    expected = dict(build_model(config_of(manifest), device="meta").named_parameters())
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{checkpoint}: shards do not add up to the model (missing {missing[:4]}, unexpected "
-                         f"{extra[:4]})")
-    for name, param in expected.items():
-        if tuple(tensors[name].shape) != tuple(param.shape):
-            raise ValueError(f"{checkpoint}: {name} has shape {tuple(tensors[name].shape)}, the model's is "
-                             f"{tuple(param.shape)}")
+    expected = {n: p.shape for n, p in build_model(config_of(manifest), device="meta").named_parameters()}
+    check_names_and_shapes(expected, {n: t.shape for n, t in tensors.items()}, source=str(checkpoint),
+                           mismatch="shards do not add up to the model")
     return {name: tensors[name] for name in expected}, manifest
 
 
@@ -81,13 +75,8 @@ def check_export(path: Path, config) -> None:
     model = build_model(config, device="meta")
     expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
     expected[BIAS] = (model.num_routers(), config.model.num_routed_experts)
-    missing, extra = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
-    if missing or extra:
-        raise ValueError(f"model export {str(path)!r} does not fit this model (missing {missing[:4]}, unexpected "
-                         f"{extra[:4]}); was it exported from another config?")
-    for name, shape in expected.items():
-        if header[name] != shape:
-            raise ValueError(f"model export {str(path)!r}: {name} has shape {header[name]}, this model's is {shape}")
+    check_names_and_shapes(expected, header, source=f"model export {str(path)!r}", mismatch="does not fit this model",
+                           hint="; was it exported from another config?")
 
 
 def read_tensors(path: Path, names) -> dict[str, torch.Tensor]:

@@ -66,16 +66,23 @@ def load_shard(path: Path, *, rank: int, sha256: str | None = None) -> dict:
     return payload
 
 
+def check_names_and_shapes(expected: dict[str, tuple], found: dict[str, tuple], *, source: str, mismatch: str,
+                           hint: str = "") -> None:
+    """ValueError unless ``found`` has exactly the names of ``expected`` with the same shapes; ``mismatch`` says
+    what a name mismatch means, ``hint`` what may have caused it."""
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{source}: {mismatch} (missing {missing[:4]}, unexpected {extra[:4]}){hint}")
+    for name, shape in expected.items():
+        if tuple(found[name]) != tuple(shape):
+            raise ValueError(f"{source}: {name} has shape {tuple(found[name])}, the model's is {tuple(shape)}")
+
+
 def copy_parameters(params: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor], *, source: str) -> None:
     """Copy saved tensors into live parameters, in place, after checking the names and shapes all agree."""
-    missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-    if missing or extra:
-        raise ValueError(f"{source}: parameters do not match this stage (missing {missing[:4]}, unexpected "
-                         f"{extra[:4]}); was the checkpoint saved with another model or layout?")
-    for name, param in params.items():
-        if tuple(saved[name].shape) != tuple(param.shape):
-            raise ValueError(f"{source}: {name} has shape {tuple(saved[name].shape)}, the model's is "
-                             f"{tuple(param.shape)}")
+    check_names_and_shapes({n: p.shape for n, p in params.items()}, {n: t.shape for n, t in saved.items()},
+                           source=source, mismatch="parameters do not match this stage",
+                           hint="; was the checkpoint saved with another model or layout?")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(saved[name])
