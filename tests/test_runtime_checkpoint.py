@@ -129,6 +129,10 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_as_if_nothing_happened(wor
     assert _losses(records) == _losses(calm)  # bitwise: the redone steps are the steps of the calm run
     assert (out / "metrics.superseded.jsonl").is_file() or recovered[0]["resumed_at_step"] == \
         recovered[0]["failed_at_step"]
+    from raymoe.report import write_report
+
+    text = write_report(out).summary_path.read_text()  # the report lists the checkpoints and the recovery
+    assert "## Checkpoints and events" in text and "| recovered |" in text and "new workers from" in text
 
 
 def test_export_consolidates_shards_and_another_layout_starts_from_it(worker_groups, tmp_path):

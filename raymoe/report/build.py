@@ -129,8 +129,11 @@ def write_report(run_dir: str | Path, *, out_dir: str | Path | None = None, step
     else:
         notes.append(f"No {ACTIONS_FILE} in the run directory (the single-process trainer and runs without "
                      "action timing write none): the measured vs simulated timeline is skipped.")
+    events_path = run_dir / "events.jsonl"
+    events = read_jsonl(events_path).rows if events_path.is_file() else []
     summary = Summary(run_dir=str(run_dir), layout=_layout(config), rows=rows, torn_lines=metrics.torn,
-                      pipeline=pipeline, figures={t: p.name for t, p in figures.items()}, notes=notes)
+                      pipeline=pipeline, figures={t: p.name for t, p in figures.items()}, notes=notes,
+                      events=events)
     summary_path = out / REPORT_FILE
     summary_path.write_text(to_markdown(summary))
     return Report(summary_path=summary_path, figures=figures, notes=notes)

@@ -32,6 +32,8 @@ class Summary:
     figures: dict[str, str]
     """Title -> file name (relative to the report)."""
     notes: list[str] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+    """``events.jsonl``: checkpoints saved, stops, resumes, recoveries from worker failures."""
 
 
 def _steady(values: list[float]) -> float:
@@ -77,9 +79,32 @@ def to_markdown(summary: Summary) -> str:
                   "The simulation gives every stage the same mean cost per kind; real stages differ (the first "
                   "holds the embedding, the last the output head and MTP), and the measured timeline also "
                   "includes waits for activations and gradients, so the measured makespan is the longer one."]
+    if summary.events:
+        lines += ["", "## Checkpoints and events", "", "| event | step | details |", "|---|---|---|"]
+        lines += [f"| {e.get('event', '?')} | {_event_step(e)} | {_event_details(e)} |" for e in summary.events]
     lines += ["", "## Figures", ""]
     for title, name in summary.figures.items():
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
     if summary.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in summary.notes] + [""]
     return "\n".join(lines)
+
+
+def _event_step(event: dict) -> str:
+    if event.get("event") == "recovered":
+        return f"{event.get('failed_at_step')} -> {event.get('resumed_at_step')}"
+    return str(event.get("step", ""))
+
+
+def _event_details(event: dict) -> str:
+    kind = event.get("event")
+    if kind == "checkpoint":
+        return f"{event.get('bytes', 0) / 2**20:.1f} MiB in {event.get('seconds', 0):.2f} s: `{event.get('path')}`"
+    if kind == "stopped":
+        return f"by {event.get('signal')}"
+    if kind == "resumed":
+        return f"from `{event.get('checkpoint')}`"
+    if kind == "recovered":
+        source = event.get("checkpoint") or "the start"
+        return f"{event.get('error', '')[:120]}; new workers from `{source}` in {event.get('seconds', 0):.1f} s"
+    return ""
