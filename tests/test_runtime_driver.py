@@ -78,8 +78,10 @@ class FakeGroup:
         self.topology = topology
         self.calls: list[str] = []
 
-    def execute_each(self, method, args_per_rank):
+    def execute_each(self, method, args_per_rank, timeout_s=None):
         self.calls.append(method)
+        if method == "run_step" and timeout_s is not None:
+            raise TimeoutError(f"1 of 2 workers did not answer within {timeout_s} s")
         if method == "run_step":
             raise RuntimeError("worker raymoe/pp1-ep0-dp0 died")
         return [LoadInfo(rank=r, chunks=(0,), layers=(0,), num_params=1, param_bytes=4, optimizer="LocalAdamW")
@@ -181,3 +183,14 @@ def test_restart_policy_retries_worker_failures_only_up_to_its_budget():
     assert policy.decide(died, DriverState.RUNNING) is DriverState.RECOVERING
     assert policy.decide(died, DriverState.CHECKPOINTING) is DriverState.RECOVERING
     assert policy.decide(died, DriverState.RUNNING) is DriverState.ERRORED and policy.failures == 2
+
+
+@pytest.mark.ray
+def test_a_hung_step_times_out_into_recovery(ray_session):
+    from raymoe.runtime.driver import RestartFromCheckpoint
+
+    config = _config("parallel.pp=2", "run.step_timeout_s=2.5", "run.max_failures=1")
+    driver = Driver(config, worker_group=FakeGroup(Topology(pp=2)), failure_policy=RestartFromCheckpoint(1)).start()
+    with pytest.raises(TimeoutError, match="did not answer within 2.5 s"):
+        driver.step(torch.zeros(8, 34, dtype=torch.long))
+    assert driver.state is DriverState.RECOVERING

@@ -271,6 +271,8 @@ class RunConfig:
     max_failures: int = 0
     """Worker failures (a dead actor, a failed step or save) survived by restarting the workers from the last
     checkpoint of this run (or from the start, before the first one); 0 stops at the first failure."""
+    step_timeout_s: float = 0.0
+    """A step that takes longer fails (TimeoutError; recovered from if ``max_failures`` allows); 0: no limit."""
     init_from: str = ""
     """A model export (``raymoe checkpoint export``): start from its weights and routing biases, in any layout,
     with a fresh optimizer and data from the start (``--resume`` continues a run exactly, in its own layout)."""
@@ -280,7 +282,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _positive("run", steps=self.steps, log_every=self.log_every, keep_checkpoints=self.keep_checkpoints)
-        _non_negative("run", checkpoint_every=self.checkpoint_every, max_failures=self.max_failures)
+        _non_negative("run", checkpoint_every=self.checkpoint_every, max_failures=self.max_failures,
+                      step_timeout_s=self.step_timeout_s)
 
     @property
     def checkpoint_root(self) -> str:

@@ -404,7 +404,9 @@ class Driver:
                 bias_RE=self.routing_bias_RE, lr=lr, mtp_weight=mtp_weight, capture=capture,
             )
             args.append((self.key, inputs))
-        return self.worker_group.execute_each("run_step", args)
+        # A worker stuck outside a collective (which the process-group timeout would end) hangs the step: the
+        # step timeout turns that into a TimeoutError, which the failure policy may recover from.
+        return self.worker_group.execute_each("run_step", args, timeout_s=self.config.run.step_timeout_s or None)
 
     def _record(self, results: list[StepResult], counts_RE, *, lr, mtp_weight, gamma, wall, num_tokens) -> dict:
         dp = self.topology.dp

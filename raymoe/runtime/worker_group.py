@@ -122,9 +122,11 @@ class WorkerGroup:
         """Call ``method`` on every worker with the same arguments; results in rank order."""
         return gather([getattr(a, method).remote(*args) for a in self.actors], timeout_s)
 
-    def execute_each(self, method: str, args_per_rank: Sequence[tuple]) -> list:
-        """Call ``method`` on worker r with ``args_per_rank[r]``; results in rank order."""
-        return gather([getattr(a, method).remote(*args) for a, args in zip(self.actors, args_per_rank)])
+    def execute_each(self, method: str, args_per_rank: Sequence[tuple], timeout_s: float | None = None) -> list:
+        """Call ``method`` on worker r with ``args_per_rank[r]``; results in rank order (TimeoutError after
+        ``timeout_s``)."""
+        refs = [getattr(a, method).remote(*args) for a, args in zip(self.actors, args_per_rank)]
+        return gather(refs, timeout_s)
 
     def shutdown(self) -> None:
         import ray
