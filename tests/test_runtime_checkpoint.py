@@ -172,3 +172,17 @@ def test_export_consolidates_shards_and_another_layout_starts_from_it(worker_gro
     ray_record = ray_driver.step(next_batch).record
     ray_driver.finish()
     assert abs(ray_record["loss"] - continued["loss"]) <= 1e-6 * continued["loss"]
+
+
+def test_a_diverging_ray_run_keeps_its_last_good_checkpoint(worker_groups, tmp_path):
+    from raymoe.runtime.launch import train_ray
+    from raymoe.train.metrics import NonFiniteLoss
+
+    worker_groups.close()
+    config = load_config("debug", ["run.steps=10", "run.checkpoint_every=1", "run.keep_checkpoints=2",
+                                   "optim.lr=1e4", "optim.grad_clip=0", "parallel.pp=2", "schedule.name=1f1b",
+                                   "schedule.num_microbatches=4", f"run.out_dir={tmp_path}"])
+    with pytest.raises(NonFiniteLoss, match=r"step 3: grad_norm=nan .*last good checkpoint is .*step-00000003"):
+        train_ray(config, progress=False)
+    store = CheckpointStore(tmp_path / "checkpoints")
+    assert [s for s, _ in store.complete()] == [2, 3]  # nothing poisoned was saved, nothing good was pruned

@@ -127,3 +127,14 @@ def test_fp8_training_step_runs_and_converts_the_paper_linears():
     fp8 = {n for n, m in trainer.model.named_modules() if isinstance(m, Fp8Linear)}
     assert "layers.0.attn.wo" in fp8 and "layers.1.ffn.experts.0.w1" in fp8
     assert "head" not in fp8 and "mtp.0.proj" not in fp8
+
+
+def test_a_diverging_run_stops_with_the_step_named():
+    from click.testing import CliRunner
+
+    from raymoe.cli import main
+
+    result = CliRunner().invoke(main, ["train", "--preset", "debug", "--engine", "local", "--steps", "10",
+                                       "optim.lr=1e4", "optim.grad_clip=0", "run.out_dir=/tmp/raymoe-test-nan"])
+    assert result.exit_code == 1, result.output
+    assert "step 3: grad_norm=nan" in result.output and "training stopped before saving this state" in result.output

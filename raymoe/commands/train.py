@@ -52,15 +52,20 @@ def train(preset, config_file, steps, out_dir, address, checkpoint_every, init_f
             raise click.BadParameter("checkpoints are saved and resumed by the Ray engine; drop --engine local "
                                      "(or --resume / --checkpoint-every)")
         from raymoe.train import train_local
+        from raymoe.train.metrics import NonFiniteLoss
 
-        records = train_local(config)
+        try:
+            records = train_local(config)
+        except NonFiniteLoss as exc:
+            raise click.ClickException(str(exc)) from exc
     else:
         from raymoe.runtime.launch import train_ray
+        from raymoe.train.metrics import NonFiniteLoss
 
         try:
             records = train_ray(config, resume=checkpoint)
-        except ValueError as exc:  # refused before any step ran (layout, cluster size, checkpoint)
-            raise click.ClickException(str(exc)) from exc
+        except (ValueError, NonFiniteLoss) as exc:  # refused before any step ran (layout, cluster, checkpoint)
+            raise click.ClickException(str(exc)) from exc  # or a diverged run, stopped before saving NaNs
     if records:
         last = records[-1]
         ended = "done" if last["step"] + 1 >= config.run.steps else "stopped"

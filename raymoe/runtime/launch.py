@@ -23,6 +23,7 @@ from raymoe.checkpoint import CheckpointStore, Manifest
 from raymoe.checkpoint.compat import check_compatible, check_steps, config_of
 from raymoe.config import Config
 from raymoe.runtime.driver import Driver, DriverState, FailFast, RestartFromCheckpoint
+from raymoe.train.metrics import check_finite
 from raymoe.train.run_dir import RunDir
 
 
@@ -122,6 +123,7 @@ class _Loop:
         record = report.record
         self.run_dir.log(record)
         self.exporter.record(record, report.results)
+        check_finite(record, last_checkpoint=self.last_checkpoint)  # a diverged run saves nothing more
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{record['loss']:.3f}", mtp=f"{record['mtp_loss']:.3f}",
                              tok_s=f"{record['tokens_per_s']:.0f}")

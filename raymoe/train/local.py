@@ -5,6 +5,7 @@ from __future__ import annotations
 from tqdm import tqdm
 
 from raymoe.config import Config
+from raymoe.train.metrics import check_finite
 from raymoe.train.reference import ReferenceTrainer
 from raymoe.train.run_dir import RunDir
 
@@ -17,6 +18,7 @@ def train_local(config: Config, *, out_dir: str | None = None, progress: bool = 
         for _ in bar:
             record = trainer.step()
             run_dir.log(record)
+            check_finite(record)
             bar.set_postfix(
                 loss=f"{record['loss']:.3f}", mtp=f"{record['mtp_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
             )

@@ -43,3 +43,24 @@ def load_statistics(counts_RE: torch.Tensor) -> tuple[float, list[float]]:
         return 0.0, []
     per_layer = max_violation(counts_RE).tolist()
     return float(sum(per_layer) / len(per_layer)), per_layer
+
+
+class NonFiniteLoss(ArithmeticError):
+    """A step produced a NaN/inf loss or gradient norm: its update has already poisoned the weights."""
+
+
+def check_finite(record: dict, *, last_checkpoint=None) -> None:
+    """Raise ``NonFiniteLoss`` naming the step if its losses or gradient norm are not finite.
+
+    The trainers call it right after a step is logged and before anything is saved, so a diverged run never
+    writes (or lets ``keep_checkpoints`` prune good checkpoints for) poisoned ones."""
+    import math
+
+    bad = {k: record.get(k) for k in ("loss", "mtp_loss", "total_loss", "grad_norm")
+           if record.get(k) is not None and not math.isfinite(record[k])}
+    if bad:
+        where = (f"the last good checkpoint is {last_checkpoint} (`raymoe train --resume` it, e.g. with a lower "
+                 f"optim.lr)" if last_checkpoint else "no checkpoint of this run was saved before it")
+        values = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise NonFiniteLoss(f"step {record.get('step')}: {values} (lr {record.get('lr')}); training stopped "
+                            f"before saving this state; {where}")
