@@ -31,7 +31,8 @@ def _manifest(step: int, *, shards: list[ShardEntry] | None = None, config=None)
     config = config or load_config("debug")
     return Manifest(
         step=step, tokens_seen=step * 256, data_cursor={"epoch": 0, "position": 8 * step, "seed": 0},
-        routing_bias_RE=[[0.0, 0.001], [-0.002, 0.0]], config_yaml=to_yaml(config), layout=Layout.of(config),
+        routing_bias_RE=[[0.001 * (e - r) for e in range(8)] for r in range(4)], config_yaml=to_yaml(config),
+        layout=Layout.of(config),
         shards=shards if shards is not None else [ShardEntry(rank=0, pp_rank=0, dp_rank=0, file="rank-00000.pt",
                                                              bytes=1, sha256="0" * 64)],
         created_unix=1.0,
@@ -271,7 +272,7 @@ def test_resumed_run_directory_keeps_earlier_steps_and_sets_later_ones_aside(tmp
 
 # -- graceful stop -----------------------------------------------------------------------------------------------
 def test_sigterm_requests_a_stop_and_handlers_are_restored():
-    from raymoe.runtime.stop import StopRequests
+    from raymoe.train.stop import StopRequests
 
     before = signal.getsignal(signal.SIGTERM)
     with StopRequests() as stop:
@@ -359,7 +360,8 @@ def test_train_resume_refuses_bad_requests_before_starting_anything(tmp_path):
         (["--resume", str(tmp_path / "run"), "--preset", "debug"], "drop --preset/--config"),
         (["--resume", str(tmp_path / "run"), "model.dim=32"], "saved with model.dim=64, this run has model.dim=32"),
         (["--resume", str(tmp_path / "run"), "--steps", "3"], "is at step 3; run.steps=3 leaves nothing to train"),
-        (["--resume", str(tmp_path / "run"), "--engine", "local"], "saved and resumed by the Ray engine"),
+        (["--resume", str(tmp_path / "run"), "--engine", "local", "--steps", "9"],
+         "a checkpoint resumes in its own layout and engine"),
     ]
     for args, message in cases:
         result = CliRunner().invoke(main, ["train", *args])
@@ -457,3 +459,20 @@ def test_checkpoint_export_command(tmp_path):
     assert result.exit_code == 0 and "step-00000005 -> " in result.output and out.is_file(), result.output
     result = CliRunner().invoke(main, ["train", "--resume", str(tmp_path / "run"), "--init-from", str(out)])
     assert result.exit_code != 0 and "pick one" in result.output
+
+
+def test_the_single_process_trainer_resumes_bitwise(tmp_path):
+    from raymoe.train import train_local
+
+    config = load_config("debug", ["run.steps=6", "run.checkpoint_every=3"])
+    straight = train_local(config, out_dir=str(tmp_path / "straight"), progress=False)
+    checkpoint = tmp_path / "straight" / "checkpoints" / "step-00000003"
+    assert Manifest.read(checkpoint).layout.schedule == "local"
+    resumed_config = load_config("debug", ["run.steps=6", "run.checkpoint_every=3",
+                                           f"run.checkpoint_dir={tmp_path / 'again'}"])
+    resumed = train_local(resumed_config, out_dir=str(tmp_path / "straight"), progress=False, resume=checkpoint)
+    keys = ("loss", "mtp_loss", "grad_norm", "max_vio")
+    assert [r["step"] for r in resumed] == list(range(6))  # steps 0-2 kept from the run directory
+    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in straight]
+    events = [json.loads(line)["event"] for line in (tmp_path / "straight" / "events.jsonl").read_text().splitlines()]
+    assert events == ["checkpoint", "checkpoint", "resumed", "checkpoint"]

@@ -74,7 +74,7 @@ def test_restore_names_a_corrupt_shard_and_a_foreign_layout(worker_groups, tmp_p
     driver.finish()
 
     other = _config("parallel.pp=2", "schedule.name=gpipe", "schedule.num_microbatches=4")
-    with pytest.raises(ValueError, match="saved with schedule.name='1f1b', this run has schedule.name='gpipe'"):
+    with pytest.raises(ValueError, match="saved by the layout 1f1b pp=2 .*; this run is gpipe pp=2"):
         Driver(other, worker_group=group).start().restore(path)
 
     shard = path / Manifest.read(path).shards[1].file

@@ -48,15 +48,12 @@ def train(preset, config_file, steps, out_dir, address, checkpoint_every, init_f
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     if engine == "local":
-        if checkpoint is not None or config.run.checkpoint_every:
-            raise click.BadParameter("checkpoints are saved and resumed by the Ray engine; drop --engine local "
-                                     "(or --resume / --checkpoint-every)")
         from raymoe.train import train_local
         from raymoe.train.metrics import NonFiniteLoss
 
         try:
-            records = train_local(config)
-        except NonFiniteLoss as exc:
+            records = train_local(config, resume=checkpoint)
+        except (ValueError, NonFiniteLoss) as exc:
             raise click.ClickException(str(exc)) from exc
     else:
         from raymoe.runtime.launch import train_ray

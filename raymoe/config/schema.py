@@ -285,9 +285,6 @@ class RunConfig:
         _non_negative("run", checkpoint_every=self.checkpoint_every, max_failures=self.max_failures,
                       step_timeout_s=self.step_timeout_s)
 
-    @property
-    def checkpoint_root(self) -> str:
-        return self.checkpoint_dir or f"{self.out_dir.rstrip('/')}/checkpoints"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -28,9 +28,9 @@ from typing import Protocol
 
 import torch
 
-from raymoe.checkpoint import CheckpointStore, Layout, Manifest, ShardEntry
-from raymoe.checkpoint.compat import check_compatible, config_of
-from raymoe.config import Config, to_yaml
+from raymoe.checkpoint import CheckpointStore, Layout, Manifest
+from raymoe.checkpoint.run_state import RunState, build_manifest, read_run_state
+from raymoe.config import Config
 from raymoe.model import router_slots
 from raymoe.parallel.stage_plan import StagePlan, plan_stages
 from raymoe.parallel.topology import Topology
@@ -273,12 +273,9 @@ class Driver:
         try:
             staging = store.begin(self.step_index)
             entries = self.worker_group.execute("save_checkpoint_shard", self.key, str(staging))
-            manifest = Manifest(
-                step=self.step_index, tokens_seen=self.tokens_seen, data_cursor=self.batches.cursor.to_dict(),
-                routing_bias_RE=self.routing_bias_RE.tolist(), config_yaml=to_yaml(self.config),
-                layout=Layout.of(self.config), shards=[ShardEntry(**e) for e in entries], created_unix=time.time(),
-                versions={"raymoe": _version(), "torch": torch.__version__},
-            )
+            state = RunState(step=self.step_index, tokens_seen=self.tokens_seen,
+                             cursor=self.batches.cursor.to_dict(), bias_RE=self.routing_bias_RE)
+            manifest = build_manifest(self.config, state, Layout.of(self.config), entries)
             path = store.commit(staging, manifest)
         except BaseException as exc:
             self._fail(exc)
@@ -313,13 +310,8 @@ class Driver:
         if self.state is not DriverState.RUNNING or self.step_index:
             raise RuntimeError(f"restore() needs a freshly started driver (state {self.state.value}, "
                                f"step {self.step_index})")
-        manifest = Manifest.read(checkpoint)
-        check_compatible(config_of(manifest), self.config, source=str(checkpoint))
-        bias_RE = torch.tensor(manifest.routing_bias_RE, dtype=torch.float32)
-        if bias_RE.shape != self.routing_bias_RE.shape:
-            raise ValueError(f"{checkpoint}: routing biases of shape {tuple(bias_RE.shape)}, the model has "
-                             f"{tuple(self.routing_bias_RE.shape)}")
-        cursor = Cursor.from_dict(manifest.data_cursor)
+        manifest, state = read_run_state(checkpoint, self.config, Layout.of(self.config),
+                                         num_routers=self.routing_bias_RE.shape[0])
         shards = sorted(manifest.shards, key=lambda e: e.rank)
         try:
             self.worker_group.execute_each(
@@ -328,8 +320,8 @@ class Driver:
         except BaseException as exc:
             self._fail(exc)
             raise
-        self.step_index, self.tokens_seen, self.routing_bias_RE = manifest.step, manifest.tokens_seen, bias_RE
-        self._batches = open_batches(self.config, cursor=cursor)
+        self.step_index, self.tokens_seen, self.routing_bias_RE = state.step, state.tokens_seen, state.bias_RE
+        self._batches = open_batches(self.config, cursor=Cursor.from_dict(state.cursor))
         self.history.append(_Transition(self.state, time.time(), f"restored {checkpoint}"))
         return manifest
 
@@ -434,11 +426,3 @@ class Driver:
             },
         ).to_dict()
 
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("raymoe")
-    except PackageNotFoundError:
-        return "unknown"

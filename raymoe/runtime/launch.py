@@ -4,7 +4,7 @@
 ``auto`` or an address joins a running cluster (``ray job submit`` sets RAY_ADDRESS for its entrypoint).
 
 Checkpoints (``raymoe.checkpoint``): every ``run.checkpoint_every`` steps and at the end of the run, and when the
-run is stopped (SIGTERM from ``ray job stop``, or Ctrl-C; ``runtime/stop.py``) after the step in flight.
+run is stopped (SIGTERM from ``ray job stop``, or Ctrl-C; ``train/stop.py``) after the step in flight.
 Failures: with ``run.max_failures`` > 0 a dead or failing worker does not end the run; the driver starts new
 workers and goes back to this run's last checkpoint (``Driver.recover``), and the redone steps are logged again.
 ``resume=`` continues from a checkpoint: the workers load their shards, the driver its step, token count,
@@ -19,12 +19,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from raymoe.checkpoint import CheckpointStore, Manifest
-from raymoe.checkpoint.compat import check_compatible, check_steps, config_of
+from raymoe.checkpoint import CheckpointStore, Layout
+from raymoe.checkpoint.compat import check_steps
+from raymoe.checkpoint.run_state import read_run_state
 from raymoe.config import Config
 from raymoe.runtime.driver import Driver, DriverState, FailFast, RestartFromCheckpoint
 from raymoe.train.metrics import check_finite
 from raymoe.train.run_dir import RunDir
+from raymoe.train.saving import checkpoint_due, log_stop, save_logged
 
 
 def init_ray(address: str = "", *, num_cpus: int | None = None) -> bool:
@@ -50,18 +52,19 @@ def train_ray(
     import ray
 
     from raymoe.runtime.metrics import MetricsExporter
-    from raymoe.runtime.stop import StopRequests
+    from raymoe.train.stop import StopRequests
 
     policy = RestartFromCheckpoint(config.run.max_failures) if config.run.max_failures else FailFast()
     driver = Driver(config, failure_policy=policy)  # validates the layout before Ray is even started
     manifest = None
     if resume is not None:  # so is the checkpoint: readable, same model and layout, steps left to train
-        manifest = Manifest.read(Path(resume))
-        check_compatible(config_of(manifest), config, source=str(resume))
+        manifest, _ = read_run_state(Path(resume), config, Layout.of(config),
+                                     num_routers=driver.routing_bias_RE.shape[0])
         check_steps(manifest, config.run.steps, source=str(resume))
     started = init_ray(config.run.ray_address)
     run_dir = RunDir(out_dir or config.run.out_dir, config, resume_step=manifest.step if manifest else None)
-    store = CheckpointStore(config.run.checkpoint_root, keep=config.run.keep_checkpoints)
+    store = CheckpointStore(config.run.checkpoint_dir or run_dir.path / "checkpoints",
+                            keep=config.run.keep_checkpoints)
     if manifest is None and (aside := store.set_aside()) is not None:
         print(f"{store.root} held an earlier run's checkpoints: moved to {aside}")
     exporter = MetricsExporter.for_run(config, run_dir.path)  # dashboard metrics + RUN_DIR/actions.jsonl
@@ -105,7 +108,7 @@ class _Loop:
         while driver.step_index < config.run.steps:
             try:
                 self._step()
-                if _checkpoint_due(config, driver.step_index) or (stop.requested and config.run.checkpoint_on_stop):
+                if checkpoint_due(config, driver.step_index) or (stop.requested and config.run.checkpoint_on_stop):
                     self._save()  # checked after the step: a stop signal may have come during it
             except Exception as exc:
                 if driver.state is not DriverState.RECOVERING:  # the failure policy did not retry it
@@ -113,9 +116,7 @@ class _Loop:
                 self._recover(exc)
                 continue
             if stop.requested:
-                self.bar.write(f"stopped by {stop.signal_name} after step {driver.step_index}; continue with "
-                               f"`python -m raymoe train --resume {self.run_dir.path} --steps {config.run.steps}`")
-                self.run_dir.event("stopped", step=driver.step_index, signal=stop.signal_name)
+                log_stop(stop.signal_name, driver.step_index, config, self.run_dir, self.bar)
                 return
 
     def _step(self) -> None:
@@ -129,14 +130,10 @@ class _Loop:
                              tok_s=f"{record['tokens_per_s']:.0f}")
 
     def _save(self) -> None:
-        start = time.perf_counter()
-        path = self.driver.save_checkpoint(self.store)
-        seconds = time.perf_counter() - start
-        size = sum(f.stat().st_size for f in path.iterdir())
+        path, seconds, size = save_logged(lambda: self.driver.save_checkpoint(self.store), self.driver.step_index,
+                                          self.run_dir, self.bar)
         self.last_checkpoint = path
         self.exporter.checkpoint(seconds, size)
-        self.run_dir.event("checkpoint", step=self.driver.step_index, path=str(path), seconds=seconds, bytes=size)
-        self.bar.write(f"checkpoint {path} ({size / 2**20:.1f} MiB, {seconds:.1f} s)")
 
     def _recover(self, error: Exception) -> None:
         failed_at = self.driver.step_index
@@ -158,7 +155,3 @@ class _Loop:
         if self.bar is not None:
             self.bar.close()
 
-
-def _checkpoint_due(config: Config, steps_done: int) -> bool:
-    every = config.run.checkpoint_every
-    return every > 0 and (steps_done % every == 0 or steps_done == config.run.steps)

@@ -10,6 +10,7 @@ arithmetic split over ranks.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -45,6 +46,41 @@ class ReferenceTrainer:
         self.step_index = 0
         self.tokens_seen = 0
         self._batches = batches
+
+    # -- checkpoints (the single-process twin of Driver.save_checkpoint / restore) ---------------------------------
+    def save_checkpoint(self, store) -> Path:
+        """One shard (rank 0: the whole model, AdamW, RNG) and the manifest, committed atomically."""
+        from raymoe.checkpoint import save_shard
+        from raymoe.checkpoint.run_state import RunState, build_manifest, local_layout
+
+        staging = store.begin(self.step_index)
+        entry = save_shard(staging, 0, model=dict(self.model.named_parameters()),
+                           optimizer={"kind": "adamw", "adamw": self.optimizer.state_dict()})
+        state = RunState(step=self.step_index, tokens_seen=self.tokens_seen, cursor=self.batches.cursor.to_dict(),
+                         bias_RE=self.routing_bias_RE)
+        shard = {"rank": 0, "pp_rank": 0, "dp_rank": 0, **entry}
+        return store.commit(staging, build_manifest(self.config, state, local_layout(self.config), [shard]))
+
+    def restore(self, checkpoint: Path) -> None:
+        """Continue a checkpoint of the single-process trainer exactly (weights, AdamW, RNG, step, data, biases)."""
+        from raymoe.checkpoint import copy_parameters, load_shard, set_rng_state
+        from raymoe.checkpoint.run_state import local_layout, read_run_state
+        from raymoe.data import Cursor
+        from raymoe.train.batches import open_batches
+
+        checkpoint = Path(checkpoint)
+        manifest, state = read_run_state(checkpoint, self.config, local_layout(self.config),
+                                         num_routers=self.routing_bias_RE.shape[0])
+        shard = manifest.shards[0]
+        payload = load_shard(checkpoint / shard.file, rank=0, sha256=shard.sha256)
+        copy_parameters(dict(self.model.named_parameters()), payload["model"], source=str(checkpoint / shard.file))
+        optimizer = payload["optimizer"]
+        if not isinstance(optimizer, dict) or optimizer.get("kind") != "adamw":
+            raise ValueError(f"{checkpoint}: optimizer state is not the single-process trainer's AdamW")
+        self.optimizer.load_state_dict(optimizer["adamw"])
+        set_rng_state(payload["rng"])
+        self.step_index, self.tokens_seen, self.routing_bias_RE = state.step, state.tokens_seen, state.bias_RE
+        self._batches = open_batches(self.config, cursor=Cursor.from_dict(state.cursor))
 
     @property
     def batches(self):
