@@ -14,7 +14,9 @@ def checkpoint() -> None:
 @click.argument("path", type=click.Path())
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Recompute every shard's SHA-256.")
 def inspect(path, verify) -> None:
-    """PATH: a run directory, its checkpoints/ directory, or one step-*/ checkpoint."""
+    """Show what a checkpoint holds and verify its shards.
+
+    PATH: a run directory, its checkpoints/ directory, or one step-*/ checkpoint."""
     import datetime
     from pathlib import Path
 
@@ -58,7 +60,7 @@ def inspect(path, verify) -> None:
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="fp32: the master weights as trained; bf16: half the size, for inference.")
 def export(path, out, dtype) -> None:
-    """Write the whole model of a checkpoint (PATH: run dir, checkpoints/ or step-*/) as one safetensors file.
+    """Write a checkpoint's whole model as one safetensors file (PATH: run dir, checkpoints/ or step-*/).
 
     Start a run of any layout from it with `raymoe train --init-from FILE`."""
     from raymoe.checkpoint import resolve_checkpoint
