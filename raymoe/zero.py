@@ -64,6 +64,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from raymoe.checkpoint.reshard import adamw_state_dict, position_names
 from raymoe.config import OptimConfig
 from raymoe.fp8 import optimizer_state_bytes
 from raymoe.train.clip import clip_coefficient, squared_norm
@@ -105,6 +106,11 @@ class StageOptimizer(Protocol):
         ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+    def load_param_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Resharding: take this rank's part of full per-parameter AdamW states (``raymoe.checkpoint.reshard``),
+        after the parameters themselves were loaded."""
+        ...
 
 
 def build_optimizer(
@@ -179,6 +185,7 @@ class LocalAdamW:
         skip = {id(p) for p in not_in_norm}
         self.norm_params = [p for p in self.params if id(p) not in skip]
         self.optimizer = _adamw(module, optim, bf16_moments)
+        self.names = position_names(self.optimizer, module.named_parameters())
         self._grad_bytes = 0
 
     def after_backward(self) -> None:
@@ -215,11 +222,15 @@ class LocalAdamW:
 
     def state_dict(self) -> dict:
         """AdamW's moments and step counts (tensors and plain containers: loadable with ``weights_only``)."""
-        return {"kind": "adamw", "adamw": self.optimizer.state_dict()}
+        return {"kind": "adamw", "adamw": self.optimizer.state_dict(), "names": self.names}
 
     def load_state_dict(self, state: dict) -> None:
         _check_kind(state, "adamw")
         self.optimizer.load_state_dict(state["adamw"])
+
+    def load_param_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        by_position = {i: states[n] for i, n in enumerate(self.names) if n in states}
+        self.optimizer.load_state_dict(adamw_state_dict(self.optimizer, by_position))
 
 
 # -- DeepSpeed ZeRO ----------------------------------------------------------------------------------------------
@@ -309,6 +320,7 @@ class DeepSpeedZero:
             dist_init_required=False,
         )
         self.params = [p for p in module.parameters() if p.requires_grad]
+        self._name_of = {id(p): n for n, p in module.named_parameters()}
         self.dp_group = dp_group
         self._grad_bytes = 0
         self._wrap_norm_and_clip(optim.grad_clip, dp_group, pp_group)
@@ -388,7 +400,43 @@ class DeepSpeedZero:
             "dp_size": dist.get_world_size(self.zero.dp_process_group),
             "master": [t.detach().clone() for t in self.zero.single_partition_of_fp32_groups],
             "adamw": self.zero.optimizer.state_dict(),
+            "slices": [[[self._name_of[id(p)], *where] for p, *where in group] for group in self._partition_slices()],
         }
+
+    def _partition_slices(self) -> list[list[tuple[nn.Parameter, int, int, int]]]:
+        """Per group: (param, start in this rank's flat partition, start in the flattened param, numel) for every
+        parameter that overlaps the partition -- DeepSpeed's own mapping (``_hp_mapping``, None elsewhere)."""
+        assert all(len(g["params"]) == 1 for g in self.zero.optimizer.param_groups), "one flat partition per group"
+        slices = []
+        for group in self.zero.bit16_groups:
+            pieces = []
+            for p in group:
+                mapping = getattr(p, "_hp_mapping", None)
+                if mapping is not None:
+                    hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
+                    pieces.append((p, hp.start, lp.start, lp.numel))
+            slices.append(pieces)
+        return slices
+
+    def load_param_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        """The fp32 master partition from the (already loaded) parameters, and AdamW's state over it from
+        ``states`` (created here if the optimizer never stepped; the padding's moments stay zero)."""
+        from raymoe.checkpoint.reshard import flat_state
+
+        slices = self._partition_slices()
+        masters = self.zero.single_partition_of_fp32_groups
+        with torch.no_grad():
+            for master, pieces in zip(masters, slices):
+                for p, part_start, param_start, numel in pieces:
+                    master.narrow(0, part_start, numel).copy_(p.detach().reshape(-1).narrow(0, param_start, numel))
+        by_position = {}
+        for group, (master, pieces) in enumerate(zip(masters, slices)):
+            named = [[self._name_of[id(p)], *where] for p, *where in pieces]
+            flat = flat_state(master.numel(), named, states, source=f"ZeRO partition group {group}")
+            if flat is not None:
+                by_position[group] = flat
+        if by_position:
+            self.zero.optimizer.load_state_dict(adamw_state_dict(self.zero.optimizer, by_position))
 
     def load_state_dict(self, state: dict) -> None:
         _check_kind(state, "deepspeed-zero")

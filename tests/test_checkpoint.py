@@ -245,8 +245,13 @@ def test_resume_refuses_a_different_model_or_layout_and_allows_more_steps():
     check_compatible(saved, config_of(manifest, ["run.steps=50", "optim.lr=1e-4"]))
     with pytest.raises(ValueError, match=r"saved with model.dim=64, this run has model.dim=32"):
         check_compatible(saved, load_config("debug", ["model.dim=32"]))
-    with pytest.raises(ValueError, match=r"parallel.pp=1, this run has parallel.pp=2.*resharding"):
-        check_compatible(saved, load_config("debug", ["parallel.pp=2", "schedule.num_microbatches=4"]))
+    other_layout = load_config("debug", ["parallel.pp=2", "schedule.num_microbatches=4"])
+    with pytest.raises(ValueError, match=r"parallel.pp=1, this run has parallel.pp=2.*pass --reshard"):
+        check_compatible(saved, other_layout)
+    check_compatible(saved, other_layout, reshard=True)  # the layout may change when resharding, the data not:
+    with pytest.raises(ValueError, match=r"data.batch_size=8, this run has data.batch_size=16"):
+        check_compatible(saved, load_config("debug", ["parallel.pp=2", "data.batch_size=16",
+                                                      "schedule.num_microbatches=4"]), reshard=True)
     with pytest.raises(ValueError, match="is at step 4; run.steps=4 leaves nothing to train"):
         check_steps(manifest, 4)
 

@@ -1,7 +1,8 @@
 """Atomic, sharded checkpoints: each worker writes its own shard, the driver writes the manifest last.
 
 ``store.py`` publishes a checkpoint all at once, ``manifest.py`` says what it holds, ``shard.py`` reads and writes
-one worker's part with ``weights_only`` safety, ``files.py`` makes single files crash-safe. Torch only: the Ray
+one worker's part with ``weights_only`` safety, ``files.py`` makes single files crash-safe, ``reshard.py``
+assembles full per-parameter weights and AdamW states so that a run continues in another layout. Torch only: the Ray
 side lives in ``raymoe.runtime`` (``Driver.save_checkpoint`` / ``Driver.restore``).
 """
 

@@ -33,20 +33,26 @@ def consolidate(checkpoint: Path) -> tuple[dict[str, torch.Tensor], Manifest]:
 
     checkpoint = Path(checkpoint)
     manifest = Manifest.read(checkpoint)
+    shapes = {n: p.shape for n, p in build_model(config_of(manifest), device="meta").named_parameters()}
+    shards = ((s.rank, load_shard(checkpoint / s.file, rank=s.rank, sha256=s.sha256)["model"])
+              for s in sorted(manifest.shards, key=lambda s: s.rank))
+    return union_weights(shards, shapes, source=str(checkpoint)), manifest
+
+
+def union_weights(shards, shapes: dict[str, torch.Size], *, source: str) -> dict[str, torch.Tensor]:
+    """The union by name of ``(rank, {name: tensor})`` shards, every copy compared; exactly the names ``shapes``."""
     tensors: dict[str, torch.Tensor] = {}
     owner: dict[str, int] = {}
-    for shard in sorted(manifest.shards, key=lambda s: s.rank):
-        payload = load_shard(checkpoint / shard.file, rank=shard.rank, sha256=shard.sha256)
-        for name, tensor in payload["model"].items():
+    for rank, model in shards:
+        for name, tensor in model.items():
             if name not in tensors:
-                tensors[name], owner[name] = tensor, shard.rank
+                tensors[name], owner[name] = tensor, rank
             elif not torch.equal(tensors[name], tensor):
-                raise ValueError(f"{checkpoint}: the copies of {name} on ranks {owner[name]} and {shard.rank} "
+                raise ValueError(f"{source}: the copies of {name} on ranks {owner[name]} and {rank} "
                                  f"differ; replicas must be identical")
-    expected = {n: p.shape for n, p in build_model(config_of(manifest), device="meta").named_parameters()}
-    check_names_and_shapes(expected, {n: t.shape for n, t in tensors.items()}, source=str(checkpoint),
+    check_names_and_shapes(shapes, {n: t.shape for n, t in tensors.items()}, source=source,
                            mismatch="shards do not add up to the model")
-    return {name: tensors[name] for name in expected}, manifest
+    return {name: tensors[name] for name in shapes}
 
 
 def export_safetensors(checkpoint: Path, out: Path, *, dtype: str = "fp32") -> Path:

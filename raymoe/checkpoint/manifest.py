@@ -21,7 +21,7 @@ MANIFEST_NAME = "manifest.json"
 
 @dataclass(frozen=True, kw_only=True)
 class Layout:
-    """The parallel layout the shards were cut for; resuming needs the same one."""
+    """The parallel layout the shards were cut for; resuming needs the same one (unless resharded)."""
 
     pp: int
     ep: int

@@ -42,15 +42,18 @@ def build_manifest(config, state: RunState, layout: Layout, shards: list[dict]) 
     )
 
 
-def read_run_state(checkpoint: Path, config, layout: Layout, num_routers: int) -> tuple[Manifest, RunState]:
-    """The manifest and run state of ``checkpoint``, after checking it continues ``config`` in ``layout``."""
+def read_run_state(checkpoint: Path, config, layout: Layout, num_routers: int, *,
+                   reshard: bool = False) -> tuple[Manifest, RunState]:
+    """The manifest and run state of ``checkpoint``, after checking it continues ``config`` in ``layout`` (with
+    ``reshard``: in any layout, ``raymoe.checkpoint.reshard``)."""
     from raymoe.data import Cursor
 
     manifest = Manifest.read(checkpoint)
-    if manifest.layout != layout:
+    if manifest.layout != layout and not reshard:
         raise ValueError(f"{checkpoint} was saved by the layout {manifest.layout.describe()}; this run is "
-                         f"{layout.describe()} (a checkpoint resumes in its own layout and engine)")
-    check_compatible(config_of(manifest), config, source=str(checkpoint))
+                         f"{layout.describe()} (a checkpoint resumes in its own layout and engine; --reshard "
+                         f"continues it in another)")
+    check_compatible(config_of(manifest), config, source=str(checkpoint), reshard=reshard)
     bias_RE = torch.tensor(manifest.routing_bias_RE, dtype=torch.float32)
     expected = (num_routers, config.model.num_routed_experts)
     if tuple(bias_RE.shape) != expected:

@@ -17,7 +17,11 @@ import click
               help="Start from a model export's weights (`raymoe checkpoint export`), in any layout (run.init_from).")
 @click.option("--resume", "resume", default=None, type=click.Path(),
               help="Continue a saved run: a run directory, its checkpoints/ directory or one step-*/ checkpoint. "
-                   "The run's own config is used; OVERRIDES may change only optim/routing/run settings.")
+                   "The run's own config is used; OVERRIDES may change only optim/routing/run settings "
+                   "(and parallel/schedule settings with --reshard).")
+@click.option("--reshard", is_flag=True, default=False,
+              help="With --resume: continue the run in another layout (parallel.*, schedule.*, --engine), with "
+                   "its weights, exact AdamW state, step, tokens, data cursor and routing biases.")
 @click.option(
     "--engine",
     type=click.Choice(["ray", "local"]),
@@ -26,7 +30,7 @@ import click
     help="ray: workers are Ray actors; local: the single-process reference trainer in this process.",
 )
 @click.argument("overrides", nargs=-1)
-def train(preset, config_file, steps, out_dir, address, checkpoint_every, init_from, resume, engine,
+def train(preset, config_file, steps, out_dir, address, checkpoint_every, init_from, resume, reshard, engine,
           overrides) -> None:
     """Train a model. OVERRIDES are key=value pairs, e.g. model.num_layers=6 optim.lr=3e-4."""
     from raymoe.config import load_config
@@ -40,6 +44,8 @@ def train(preset, config_file, steps, out_dir, address, checkpoint_every, init_f
     if resume is not None and init_from is not None:
         raise click.BadParameter("--resume continues a run exactly; --init-from starts a new one from weights: "
                                  "pick one")
+    if reshard and resume is None:
+        raise click.BadParameter("--reshard continues a saved run in another layout: it needs --resume RUN_DIR")
     try:
         if resume is not None:
             checkpoint, config = _resumed_config(resume, preset, config_file, extra)
@@ -52,7 +58,7 @@ def train(preset, config_file, steps, out_dir, address, checkpoint_every, init_f
         from raymoe.train.metrics import NonFiniteLoss
 
         try:
-            records = train_local(config, resume=checkpoint)
+            records = train_local(config, resume=checkpoint, reshard=reshard)
         except (ValueError, NonFiniteLoss) as exc:
             raise click.ClickException(str(exc)) from exc
     else:
@@ -60,7 +66,7 @@ def train(preset, config_file, steps, out_dir, address, checkpoint_every, init_f
         from raymoe.train.metrics import NonFiniteLoss
 
         try:
-            records = train_ray(config, resume=checkpoint)
+            records = train_ray(config, resume=checkpoint, reshard=reshard)
         except (ValueError, NonFiniteLoss) as exc:  # refused before any step ran (layout, cluster, checkpoint)
             raise click.ClickException(str(exc)) from exc  # or a diverged run, stopped before saving NaNs
     if records:

@@ -243,8 +243,8 @@ class Driver:
         if not self._given_batches:
             self._batches = None  # reopened at the start of the data, or at the checkpoint's cursor
         self._transition(DriverState.RUNNING, f"recovered from {checkpoint or 'the start'}")
-        if checkpoint is not None:
-            self.restore(checkpoint)
+        if checkpoint is not None:  # the checkpoint a resharded run started from is another layout's
+            self.restore(checkpoint, reshard=Manifest.read(checkpoint).layout != Layout.of(self.config))
 
     def finish(self) -> None:
         if self.state is DriverState.RUNNING:
@@ -302,8 +302,11 @@ class Driver:
                 f"checkpoints need storage every node mounts (set run.checkpoint_dir to such a path)"
             )
 
-    def restore(self, checkpoint: Path) -> Manifest:
-        """Load a checkpoint saved with this layout into the started workers and this driver; returns its manifest."""
+    def restore(self, checkpoint: Path, *, reshard: bool = False, consolidated=None) -> Manifest:
+        """Load a checkpoint into the started workers and this driver; returns its manifest. Without ``reshard``
+        the checkpoint must be this layout's (each worker loads its own shard); with it, any layout's: the driver
+        assembles full per-parameter weights and AdamW states (``consolidated``, if already read:
+        ``raymoe.checkpoint.reshard.consolidate_training_state``) and every worker takes its own parameters'."""
         from raymoe.data import Cursor
         from raymoe.train.batches import open_batches
 
@@ -311,19 +314,37 @@ class Driver:
             raise RuntimeError(f"restore() needs a freshly started driver (state {self.state.value}, "
                                f"step {self.step_index})")
         manifest, state = read_run_state(checkpoint, self.config, Layout.of(self.config),
-                                         num_routers=self.routing_bias_RE.shape[0])
-        shards = sorted(manifest.shards, key=lambda e: e.rank)
+                                         num_routers=self.routing_bias_RE.shape[0], reshard=reshard)
         try:
-            self.worker_group.execute_each(
-                "load_checkpoint_shard", [(self.key, str(checkpoint), e.file, e.sha256) for e in shards]
-            )
+            if reshard:
+                self._load_resharded(checkpoint, consolidated)
+            else:
+                shards = sorted(manifest.shards, key=lambda e: e.rank)
+                self.worker_group.execute_each(
+                    "load_checkpoint_shard", [(self.key, str(checkpoint), e.file, e.sha256) for e in shards]
+                )
         except BaseException as exc:
             self._fail(exc)
             raise
         self.step_index, self.tokens_seen, self.routing_bias_RE = state.step, state.tokens_seen, state.bias_RE
         self._batches = open_batches(self.config, cursor=Cursor.from_dict(state.cursor))
-        self.history.append(_Transition(self.state, time.time(), f"restored {checkpoint}"))
+        self.history.append(_Transition(self.state, time.time(), f"restored {checkpoint}"
+                                        + (" (resharded)" if reshard else "")))
         return manifest
+
+    def _load_resharded(self, checkpoint: Path, consolidated) -> None:
+        import ray
+
+        from raymoe.checkpoint.reshard import consolidate_training_state
+
+        if consolidated is None:
+            consolidated = consolidate_training_state(checkpoint)
+        # One copy in the object store; each worker deserializes it and keeps only its own parameters' part.
+        ref = ray.put({"weights": consolidated.weights, "states": consolidated.states})
+        try:
+            self.worker_group.execute("load_resharded", self.key, ref)
+        finally:
+            del ref
 
     # -- steps ---------------------------------------------------------------------------------------------------
     @property

@@ -8,7 +8,8 @@ run is stopped (SIGTERM from ``ray job stop``, or Ctrl-C; ``train/stop.py``) aft
 Failures: with ``run.max_failures`` > 0 a dead or failing worker does not end the run; the driver starts new
 workers and goes back to this run's last checkpoint (``Driver.recover``), and the redone steps are logged again.
 ``resume=`` continues from a checkpoint: the workers load their shards, the driver its step, token count,
-routing biases and data cursor, and the run directory keeps its metrics and appends.
+routing biases and data cursor, and the run directory keeps its metrics and appends. ``reshard=True`` continues
+it in another layout (``raymoe.checkpoint.reshard``): the checkpoint is consolidated here, before Ray starts.
 """
 
 from __future__ import annotations
@@ -46,9 +47,11 @@ def init_ray(address: str = "", *, num_cpus: int | None = None) -> bool:
 
 
 def train_ray(
-    config: Config, *, out_dir: str | None = None, progress: bool = True, resume: str | Path | None = None
+    config: Config, *, out_dir: str | None = None, progress: bool = True, resume: str | Path | None = None,
+    reshard: bool = False,
 ) -> list[dict]:
-    """Train ``config`` on Ray actors; with ``resume`` (a checkpoint directory) continue that run to run.steps."""
+    """Train ``config`` on Ray actors; with ``resume`` (a checkpoint directory) continue that run to run.steps,
+    with ``reshard`` also when it was saved in another layout (or by the single-process trainer)."""
     import ray
 
     from raymoe.runtime.metrics import MetricsExporter
@@ -56,11 +59,15 @@ def train_ray(
 
     policy = RestartFromCheckpoint(config.run.max_failures) if config.run.max_failures else FailFast()
     driver = Driver(config, failure_policy=policy)  # validates the layout before Ray is even started
-    manifest = None
+    manifest = consolidated = None
     if resume is not None:  # so is the checkpoint: readable, same model and layout, steps left to train
         manifest, _ = read_run_state(Path(resume), config, Layout.of(config),
-                                     num_routers=driver.routing_bias_RE.shape[0])
+                                     num_routers=driver.routing_bias_RE.shape[0], reshard=reshard)
         check_steps(manifest, config.run.steps, source=str(resume))
+        if reshard:  # every shard read and checked (and its optimizer index) before any actor starts
+            from raymoe.checkpoint.reshard import consolidate_training_state
+
+            consolidated = consolidate_training_state(Path(resume))
     started = init_ray(config.run.ray_address)
     run_dir = RunDir(out_dir or config.run.out_dir, config, resume_step=manifest.step if manifest else None)
     store = CheckpointStore(config.run.checkpoint_dir or run_dir.path / "checkpoints",
@@ -75,8 +82,9 @@ def train_ray(
             if config.run.checkpoint_every or config.run.checkpoint_on_stop:
                 driver.check_checkpoint_storage(store)
             if manifest is not None:
-                driver.restore(Path(resume))
-                run_dir.event("resumed", step=driver.step_index, checkpoint=str(resume))
+                driver.restore(Path(resume), reshard=reshard, consolidated=consolidated)
+                consolidated = None  # the workers hold their parts now
+                run_dir.event("resumed", step=driver.step_index, checkpoint=str(resume), resharded=reshard)
             loop.run(stop, progress)
             driver.finish()
     finally:

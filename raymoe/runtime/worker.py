@@ -156,6 +156,16 @@ class Worker:
         layout.optimizer.load_state_dict(payload["optimizer"])
         set_rng_state(payload["rng"])
 
+    def load_resharded(self, key: str, state: dict) -> None:
+        """Take this rank's parameters and their AdamW states out of a checkpoint consolidated by the driver
+        (``raymoe.checkpoint.reshard``: full tensors by name, whatever layout saved them)."""
+        from raymoe.checkpoint import copy_parameters
+
+        layout = self.layouts[key]
+        params = dict(layout.stage.named_parameters())
+        copy_parameters(params, {n: state["weights"][n] for n in params}, source="resharded checkpoint")
+        layout.optimizer.load_param_states({n: state["states"][n] for n in params if n in state["states"]})
+
     # -- one step ----------------------------------------------------------------------------------------------
     def run_step(self, key: str, inputs: StepInputs) -> StepResult:
         import ray

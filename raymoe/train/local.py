@@ -22,12 +22,13 @@ from raymoe.train.stop import StopRequests
 
 
 def train_local(
-    config: Config, *, out_dir: str | None = None, progress: bool = True, resume: str | Path | None = None
+    config: Config, *, out_dir: str | None = None, progress: bool = True, resume: str | Path | None = None,
+    reshard: bool = False,
 ) -> list[dict]:
     trainer = ReferenceTrainer(config)
     if resume is not None:  # refused before anything is written if it does not continue this config
         check_steps(Manifest.read(Path(resume)), config.run.steps, source=str(resume))
-        trainer.restore(Path(resume))
+        trainer.restore(Path(resume), reshard=reshard)
     run_dir = RunDir(out_dir or config.run.out_dir, config, resume_step=trainer.step_index if resume else None)
     store = CheckpointStore(config.run.checkpoint_dir or run_dir.path / "checkpoints",
                             keep=config.run.keep_checkpoints)
@@ -35,7 +36,7 @@ def train_local(
         print(f"{store.root} held an earlier run's checkpoints: moved to {aside}")
     last_checkpoint = Path(resume) if resume is not None else None
     if resume is not None:
-        run_dir.event("resumed", step=trainer.step_index, checkpoint=str(resume))
+        run_dir.event("resumed", step=trainer.step_index, checkpoint=str(resume), resharded=reshard)
     bar = tqdm(total=config.run.steps, initial=trainer.step_index, desc="train (local)", unit="step",
                disable=not progress, dynamic_ncols=True)
     try:
