@@ -64,7 +64,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from raymoe.checkpoint.reshard import adamw_state_dict, position_names
+from raymoe.checkpoint.reshard import (
+    adamw_shard_state,
+    adamw_state_dict,
+    check_kind,
+    load_adamw_param_states,
+    load_adamw_shard_state,
+    position_names,
+)
 from raymoe.config import OptimConfig
 from raymoe.fp8 import optimizer_state_bytes
 from raymoe.train.clip import clip_coefficient, squared_norm
@@ -222,15 +229,13 @@ class LocalAdamW:
 
     def state_dict(self) -> dict:
         """AdamW's moments and step counts (tensors and plain containers: loadable with ``weights_only``)."""
-        return {"kind": "adamw", "adamw": self.optimizer.state_dict(), "names": self.names}
+        return adamw_shard_state(self.optimizer, self.names)
 
     def load_state_dict(self, state: dict) -> None:
-        _check_kind(state, "adamw")
-        self.optimizer.load_state_dict(state["adamw"])
+        load_adamw_shard_state(self.optimizer, state)
 
     def load_param_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
-        by_position = {i: states[n] for i, n in enumerate(self.names) if n in states}
-        self.optimizer.load_state_dict(adamw_state_dict(self.optimizer, by_position))
+        load_adamw_param_states(self.optimizer, self.names, states)
 
 
 # -- DeepSpeed ZeRO ----------------------------------------------------------------------------------------------
@@ -439,7 +444,7 @@ class DeepSpeedZero:
             self.zero.optimizer.load_state_dict(adamw_state_dict(self.zero.optimizer, by_position))
 
     def load_state_dict(self, state: dict) -> None:
-        _check_kind(state, "deepspeed-zero")
+        check_kind(state, "deepspeed-zero")
         dp_size = dist.get_world_size(self.zero.dp_process_group)
         if state["dp_size"] != dp_size or state["dp_rank"] != dist.get_rank(self.zero.dp_process_group):
             raise ValueError(f"ZeRO partition {state['dp_rank']}/{state['dp_size']} cannot load into rank "
@@ -452,12 +457,6 @@ class DeepSpeedZero:
             for target, saved in zip(live, state["master"]):
                 target.copy_(saved)
         self.zero.optimizer.load_state_dict(state["adamw"])
-
-
-def _check_kind(state: dict, kind: str) -> None:
-    if not isinstance(state, dict) or state.get("kind") != kind:
-        found = state.get("kind") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"optimizer state of kind {found!r} cannot be loaded into a {kind!r} optimizer")
 
 
 class DeepSpeedZero2(DeepSpeedZero):

@@ -49,6 +49,33 @@ def position_names(optimizer: torch.optim.Optimizer, named_params: Iterable[tupl
     return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
+def adamw_shard_state(optimizer: torch.optim.Optimizer, names: list[str]) -> dict:
+    """What a shard holds for a torch AdamW (the local twin, the single-process trainer): its ``state_dict`` and
+    the name of each of its positions (``position_names``)."""
+    return {"kind": "adamw", "adamw": optimizer.state_dict(), "names": list(names)}
+
+
+def check_kind(state, kind: str, *, source: str = "") -> None:
+    """ValueError unless ``state`` is a shard's optimizer state of ``kind`` (``adamw``, ``deepspeed-zero``)."""
+    if not isinstance(state, dict) or state.get("kind") != kind:
+        found = state.get("kind") if isinstance(state, dict) else type(state).__name__
+        prefix = f"{source}: " if source else ""
+        raise ValueError(f"{prefix}optimizer state of kind {found!r} cannot be loaded into a {kind!r} optimizer")
+
+
+def load_adamw_shard_state(optimizer: torch.optim.Optimizer, state, *, source: str = "") -> None:
+    """The inverse of ``adamw_shard_state``, same layout (positions as saved)."""
+    check_kind(state, "adamw", source=source)
+    optimizer.load_state_dict(state["adamw"])
+
+
+def load_adamw_param_states(optimizer: torch.optim.Optimizer, names: list[str],
+                            states: Mapping[str, ParamState]) -> None:
+    """Resharding into a torch AdamW whose positions are ``names``: the full states of the parameters it holds."""
+    by_position = {i: states[n] for i, n in enumerate(names) if n in states}
+    optimizer.load_state_dict(adamw_state_dict(optimizer, by_position))
+
+
 # -- shards -> full per-parameter states -------------------------------------------------------------------------
 def state_slices(optimizer: dict, source: str) -> Iterator[tuple[str, int, int, ParamState]]:
     """(name, param_start, numel, {step, flat moment slices}) for every piece of AdamW state in one shard."""

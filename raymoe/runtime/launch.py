@@ -20,14 +20,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from raymoe.checkpoint import CheckpointStore, Layout
+from raymoe.checkpoint import Layout
 from raymoe.checkpoint.compat import check_steps
 from raymoe.checkpoint.run_state import read_run_state
 from raymoe.config import Config
 from raymoe.runtime.driver import Driver, DriverState, FailFast, RestartFromCheckpoint
 from raymoe.train.metrics import check_finite
 from raymoe.train.run_dir import RunDir
-from raymoe.train.saving import checkpoint_due, log_stop, save_logged
+from raymoe.train.saving import checkpoint_due, log_stop, open_store, save_logged
 
 
 def init_ray(address: str = "", *, num_cpus: int | None = None) -> bool:
@@ -70,10 +70,7 @@ def train_ray(
             consolidated = consolidate_training_state(Path(resume))
     started = init_ray(config.run.ray_address)
     run_dir = RunDir(out_dir or config.run.out_dir, config, resume_step=manifest.step if manifest else None)
-    store = CheckpointStore(config.run.checkpoint_dir or run_dir.path / "checkpoints",
-                            keep=config.run.keep_checkpoints)
-    if manifest is None and (aside := store.set_aside()) is not None:
-        print(f"{store.root} held an earlier run's checkpoints: moved to {aside}")
+    store = open_store(config, run_dir, fresh=manifest is None)
     exporter = MetricsExporter.for_run(config, run_dir.path)  # dashboard metrics + RUN_DIR/actions.jsonl
     loop = _Loop(config, driver, store, run_dir, exporter, policy, last_checkpoint=Path(resume) if resume else None)
     try:

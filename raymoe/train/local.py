@@ -11,13 +11,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from raymoe.checkpoint import CheckpointStore, Manifest
+from raymoe.checkpoint import Manifest
 from raymoe.checkpoint.compat import check_steps
 from raymoe.config import Config
 from raymoe.train.metrics import check_finite
 from raymoe.train.reference import ReferenceTrainer
 from raymoe.train.run_dir import RunDir
-from raymoe.train.saving import checkpoint_due, log_stop, save_logged
+from raymoe.train.saving import checkpoint_due, log_stop, open_store, save_logged
 from raymoe.train.stop import StopRequests
 
 
@@ -30,10 +30,7 @@ def train_local(
         check_steps(Manifest.read(Path(resume)), config.run.steps, source=str(resume))
         trainer.restore(Path(resume), reshard=reshard)
     run_dir = RunDir(out_dir or config.run.out_dir, config, resume_step=trainer.step_index if resume else None)
-    store = CheckpointStore(config.run.checkpoint_dir or run_dir.path / "checkpoints",
-                            keep=config.run.keep_checkpoints)
-    if resume is None and (aside := store.set_aside()) is not None:
-        print(f"{store.root} held an earlier run's checkpoints: moved to {aside}")
+    store = open_store(config, run_dir, fresh=resume is None)
     last_checkpoint = Path(resume) if resume is not None else None
     if resume is not None:
         run_dir.event("resumed", step=trainer.step_index, checkpoint=str(resume), resharded=reshard)

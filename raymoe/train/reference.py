@@ -51,13 +51,12 @@ class ReferenceTrainer:
     def save_checkpoint(self, store) -> Path:
         """One shard (rank 0: the whole model, AdamW, RNG) and the manifest, committed atomically."""
         from raymoe.checkpoint import save_shard
-        from raymoe.checkpoint.reshard import position_names
+        from raymoe.checkpoint.reshard import adamw_shard_state
         from raymoe.checkpoint.run_state import RunState, build_manifest, local_layout
 
         staging = store.begin(self.step_index)
-        names = position_names(self.optimizer, self.model.named_parameters())
         entry = save_shard(staging, 0, model=dict(self.model.named_parameters()),
-                           optimizer={"kind": "adamw", "adamw": self.optimizer.state_dict(), "names": names})
+                           optimizer=adamw_shard_state(self.optimizer, self._optimizer_names()))
         state = RunState(step=self.step_index, tokens_seen=self.tokens_seen, cursor=self.batches.cursor.to_dict(),
                          bias_RE=self.routing_bias_RE)
         shard = {"rank": 0, "pp_rank": 0, "dp_rank": 0, **entry}
@@ -67,6 +66,7 @@ class ReferenceTrainer:
         """Continue a checkpoint of the single-process trainer exactly (weights, AdamW, RNG, step, data, biases);
         with ``reshard``, a checkpoint of any layout (weights and per-parameter AdamW state; not the RNG)."""
         from raymoe.checkpoint import copy_parameters, load_shard, set_rng_state
+        from raymoe.checkpoint.reshard import load_adamw_shard_state
         from raymoe.checkpoint.run_state import local_layout, read_run_state
         from raymoe.data import Cursor
         from raymoe.train.batches import open_batches
@@ -81,23 +81,23 @@ class ReferenceTrainer:
             payload = load_shard(checkpoint / shard.file, rank=0, sha256=shard.sha256)
             copy_parameters(dict(self.model.named_parameters()), payload["model"],
                             source=str(checkpoint / shard.file))
-            optimizer = payload["optimizer"]
-            if not isinstance(optimizer, dict) or optimizer.get("kind") != "adamw":
-                raise ValueError(f"{checkpoint}: optimizer state is not the single-process trainer's AdamW")
-            self.optimizer.load_state_dict(optimizer["adamw"])
+            load_adamw_shard_state(self.optimizer, payload["optimizer"], source=str(checkpoint))
             set_rng_state(payload["rng"])
         self.step_index, self.tokens_seen, self.routing_bias_RE = state.step, state.tokens_seen, state.bias_RE
         self._batches = open_batches(self.config, cursor=Cursor.from_dict(state.cursor))
 
     def _load_resharded(self, checkpoint: Path) -> None:
         from raymoe.checkpoint import copy_parameters
-        from raymoe.checkpoint.reshard import adamw_state_dict, consolidate_training_state, position_names
+        from raymoe.checkpoint.reshard import consolidate_training_state, load_adamw_param_states
 
         consolidated = consolidate_training_state(checkpoint)
         copy_parameters(dict(self.model.named_parameters()), consolidated.weights, source=str(checkpoint))
-        names = position_names(self.optimizer, self.model.named_parameters())
-        by_position = {i: consolidated.states[n] for i, n in enumerate(names) if n in consolidated.states}
-        self.optimizer.load_state_dict(adamw_state_dict(self.optimizer, by_position))
+        load_adamw_param_states(self.optimizer, self._optimizer_names(), consolidated.states)
+
+    def _optimizer_names(self) -> list[str]:
+        from raymoe.checkpoint.reshard import position_names
+
+        return position_names(self.optimizer, self.model.named_parameters())
 
     @property
     def batches(self):

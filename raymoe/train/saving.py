@@ -7,8 +7,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from raymoe.checkpoint import CheckpointStore
 from raymoe.config import Config
 from raymoe.train.run_dir import RunDir
+
+
+def open_store(config: Config, run_dir: RunDir, *, fresh: bool) -> CheckpointStore:
+    """The run's checkpoint store (``run.checkpoint_dir``, else ``RUN_DIR/checkpoints``). A fresh run (not a
+    resume) first moves an earlier run's checkpoints aside, so that neither can be mistaken for the other's."""
+    store = CheckpointStore(config.run.checkpoint_dir or run_dir.path / "checkpoints", keep=config.run.keep_checkpoints)
+    if fresh and (aside := store.set_aside()) is not None:
+        print(f"{store.root} held an earlier run's checkpoints: moved to {aside}")
+    return store
 
 
 def checkpoint_due(config: Config, steps_done: int) -> bool:
