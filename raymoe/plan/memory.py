@@ -3,7 +3,7 @@
 The model is cut into pipeline stages of whole transformer layers; each pp rank holds one stage, or two with
 DualPipe/DualPipeV. Within a stage, the routed experts of every MoE layer are split over ``ep`` ranks and
 everything else (attention, norms, dense FFN, gate, shared experts, embedding, head) is replicated. ZeRO
-then shards state over data parallelism (DeepSpeed semantics, as ``raymoe/zero.py`` uses them):
+then shards state over data parallelism (DeepSpeed semantics, as ``raymoe/zero`` uses them):
 
   * dense parameters are data-parallel over all ``dp`` ranks of their stage (``dp`` already includes the
     ``ep`` ranks: an expert-parallel group is a slice of the data-parallel one);
