@@ -58,10 +58,14 @@ class Transformer(nn.Module):
         self.mtp_depth = mtp.depth
         slots = {layer_id: row for row, layer_id in enumerate(router_slots(cfg, mtp.depth))}
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, routing, moe_slot=slots.get(i), expert_ids=expert_ids) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            Block(cfg, routing, moe_slot=slots.get(i), expert_ids=expert_ids) for i in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.mtp = nn.ModuleList(MTPModule(cfg, routing, moe_slot=slots[cfg.num_layers + k], expert_ids=expert_ids) for k in range(mtp.depth))
+        self.mtp = nn.ModuleList(
+            MTPModule(cfg, routing, moe_slot=slots[cfg.num_layers + k], expert_ids=expert_ids) for k in range(mtp.depth)
+        )
         self.rope = Rope(cfg.qk_rope_head_dim, cfg.max_seq_len, cfg.rope_theta)
 
     # -- pieces a pipeline stage runs -------------------------------------------------------------------------
