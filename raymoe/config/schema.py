@@ -168,6 +168,8 @@ class PrecisionConfig:
     """Run the GEMMs DeepSeek-V3 runs in FP8 (1x128 activation tiles, 128x128 weight blocks, E4M3)."""
     fp8_backend: str = "auto"
     fp8_power_of_two_scales: bool = False
+    fp8_dispatch: bool = False
+    """Expert parallelism: send tokens to their experts as E4M3 + 1x128 scales (the combine stays high precision)."""
     fp8_promotion_interval: int = 0
     """Emulate tensor-core limited-precision accumulation promoted to FP32 every N_C elements; 0 = exact FP32."""
     bf16_optimizer_states: bool = False

@@ -18,6 +18,7 @@ results in rank order, in fp32 (``DispatchPlan.combine``), so the result is dete
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -84,14 +85,23 @@ def routing_rows(topk_ids_NK: torch.Tensor, weights_NK: torch.Tensor, rank_of_ex
 
 
 def run_local_experts(experts: nn.ModuleDict, x_RD: torch.Tensor, ids_RK: torch.Tensor,
-                      weights_RK: torch.Tensor) -> torch.Tensor:
+                      weights_RK: torch.Tensor, source_counts: Sequence[int] = ()) -> torch.Tensor:
     """Run this rank's experts on the received rows and sum each row's weighted expert outputs: (R, D).
 
     ``experts`` maps *global* expert id (as a string) to the expert; ``ids_RK`` holds global ids, ``-1`` for
     slots another rank serves. Copies are sorted by expert id (stable: rows ascending inside an expert) and every
     local expert runs, even on zero rows, so every expert parameter gets a (zero) gradient and optimizers and
     ZeRO see the same set of gradients on every step.
+
+    ``source_counts``: rows per source rank (received rows come grouped by source). Each source's rows run as
+    their own expert batches, so an expert multiplies exactly the rows it would multiply on one device for that
+    source's micro-batch: GEMM kernels pick their blocking by the row count, and the same rows give the same bits
+    as the single-process reference (a CPU choice for exact parity; a GPU grouped GEMM would batch all sources).
     """
+    if len(source_counts) > 1:
+        pieces = zip(x_RD.split(list(source_counts)), ids_RK.split(list(source_counts)),
+                     weights_RK.split(list(source_counts)))
+        return torch.cat([run_local_experts(experts, x, ids, w) for x, ids, w in pieces])
     top_k = ids_RK.shape[1]
     flat_ids = ids_RK.flatten()
     order = flat_ids.argsort(stable=True)

@@ -98,7 +98,7 @@ class MoE(nn.Module):
         counts_E = expert_counts(topk_ids_NK, self.num_experts)
         slot = self.gate.slot
         x_RD, ids_RK, weights_RK, plan = self.dispatcher.dispatch(x_ND, topk_ids_NK, weights_NK, layer=slot)
-        y_RD = run_local_experts(self.experts, x_RD, ids_RK, weights_RK)
+        y_RD = run_local_experts(self.experts, x_RD, ids_RK, weights_RK, plan.recv_counts)
         y_ND = self.dispatcher.combine(y_RD, plan, layer=slot, out_dtype=x_ND.dtype)
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)
