@@ -161,8 +161,9 @@ class MetricsExporter:
         self._max_vio = Gauge("raymoe_max_vio", description="MaxVio of one router: (max - mean) / mean expert "
                               "load in the last step.", tag_keys=("run", "router"))
         self._a2a_bytes = Gauge("raymoe_all_to_all_step_bytes", description="Expert all-to-all bytes of the last "
-                                "step over all workers: naive (one copy per token-expert pair), dedup (one per token and "
-                                "destination rank), measured same-node / cross-node.", tag_keys=("run", "kind"))
+                                "step over all workers: naive (one copy per token-expert pair), dedup (one per "
+                                "token and destination rank), measured same-node / cross-node.",
+                                tag_keys=("run", "kind"))
         self._a2a_received = Gauge("raymoe_all_to_all_tokens_received", description="Token rows the ep ranks' experts "
                                    "received in the last step: max and mean over ranks.", tag_keys=("run", "stat"))
         self._steps = Counter("raymoe_steps", description="Optimizer steps completed.", tag_keys=("run",))
