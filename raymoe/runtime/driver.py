@@ -215,7 +215,8 @@ class Driver:
     def _start_workers(self) -> None:
         if self.worker_group is None:
             self.worker_group = WorkerGroup(
-                self.topology, device=self.config.parallel.device, timeout_s=self.timeout_s
+                self.topology, device=self.config.parallel.device, timeout_s=self.timeout_s,
+                num_cpus_per_worker=self.config.parallel.cpus_per_worker,
             ).start()
         placement = self.schedule.placement
         nodes = self.worker_group.execute("node_id")
