@@ -24,9 +24,9 @@ def test_odd_pp_for_dualpipe_is_refused():
         _config("parallel.pp=3", "schedule.name=dualpipe", "schedule.num_microbatches=6", "data.batch_size=12")
 
 
-def test_expert_parallelism_is_refused_by_the_driver():
-    config = _config("parallel.ep=2", "parallel.dp=2", "schedule.num_microbatches=2")
-    with pytest.raises(ValueError, match="parallel.ep=2: expert parallelism is not available in this runtime yet"):
+def test_zero_stage_2_with_expert_parallelism_is_refused_by_the_driver():
+    config = _config("parallel.ep=2", "parallel.dp=2", "parallel.zero_stage=2", "schedule.num_microbatches=2")
+    with pytest.raises(ValueError, match="parallel.zero_stage=2 with parallel.ep=2: ZeRO-2 does not partition"):
         Driver(config)
 
 

@@ -219,7 +219,8 @@ class Driver:
                 num_cpus_per_worker=self.config.parallel.cpus_per_worker,
             ).start()
         placement = self.schedule.placement
-        nodes = self.worker_group.execute("node_id")
+        # which Ray node each worker is on: the dispatcher splits its all-to-all bytes into same- / cross-node
+        nodes = self.worker_group.execute("node_id") if self.topology.ep > 1 else [""] * self.topology.world_size
         self.node_of_rank = tuple(sorted(set(nodes)).index(n) for n in nodes)
         args = [
             (self.key, self.config, placement, self.schedule.actions[self.topology.coord(r).pp_rank],
