@@ -146,10 +146,19 @@ class TokenDispatcher(Protocol):
 
 
 class LocalDispatcher:
-    """The one-rank twin: every expert is local, every token is one row, nothing moves."""
+    """The one-rank twin: every expert is local, every token is one row, nothing moves. With ``fp8`` the tokens
+    are rounded as an FP8 dispatch would round them (``precision.fp8_dispatch``), so the twin computes what the
+    all-to-all computes."""
+
+    def __init__(self, *, fp8: bool = False, fp8_power_of_two: bool = False) -> None:
+        self.fp8, self.fp8_power_of_two = fp8, fp8_power_of_two
 
     def dispatch(self, x_ND, topk_ids_NK, weights_NK, *, layer):
         n = x_ND.shape[0]
+        if self.fp8:
+            from raymoe.fp8.dispatch import fake_quantize_for_dispatch
+
+            x_ND = fake_quantize_for_dispatch(x_ND, power_of_two_scales=self.fp8_power_of_two)
         plan = DispatchPlan(num_tokens=n, send_token_idx_S=torch.arange(n, device=x_ND.device), send_counts=(n,),
                             recv_counts=(n,), naive_rows=0)
         return x_ND, topk_ids_NK, weights_NK, plan
