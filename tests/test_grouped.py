@@ -132,3 +132,28 @@ def test_shape_and_count_errors_name_the_values():
 
 def test_group_align_is_sixteen_bytes_of_bf16():
     assert GROUP_ALIGN * torch.finfo(torch.bfloat16).bits // 8 == 16
+
+
+def test_drop_in_for_run_routed_experts_is_bitwise_on_cpu():
+    from raymoe.config import load_config
+    from raymoe.model import MoE, run_routed_experts
+    from raymoe.model.grouped import run_routed_experts_grouped
+
+    cfg = load_config("debug")
+    torch.manual_seed(0)
+    moe = MoE(cfg.model, cfg.routing, slot=0)
+    for p in moe.parameters():
+        nn.init.normal_(p, std=0.1)
+    x = torch.randn(40, cfg.model.dim, requires_grad=True)
+    _, ids, weights = moe.gate(x)
+    y = run_routed_experts_grouped(moe.experts, x, ids, weights)
+    y.sum().backward()
+    grads = [p.grad.clone() for p in (*moe.experts.parameters(), moe.gate.weight)] + [x.grad.clone()]
+    moe.zero_grad()
+    x.grad = None
+    _, ids, weights = moe.gate(x)  # a fresh graph for the second backward
+    y_ref = run_routed_experts(moe.experts, x, ids, weights)
+    y_ref.sum().backward()
+    assert torch.equal(y, y_ref)
+    for got, want in zip(grads, [p.grad for p in (*moe.experts.parameters(), moe.gate.weight)] + [x.grad]):
+        assert torch.equal(got, want)
