@@ -2,6 +2,7 @@
 ``import raymoe`` nor the CLI imports ray or deepspeed (the accelerator machine has neither)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,9 @@ sys.meta_path.insert(0, Blocker())
 
 
 def _run_blocked(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    # Keep any PYTHONPATH of the caller (on the accelerator machine, omegaconf's carried wheel lives there).
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {"PYTHONPATH": pythonpath, "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         [sys.executable, "-c", BLOCKER + code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
@@ -67,7 +70,7 @@ def test_gpu_bench_runs_tiny_without_ray_or_deepspeed(tmp_path):
     arms = result["step"]["arms"]
     assert set(arms) == {"bf16", "fp8", "bf16_expert_loop"} and arms["fp8"]["fp8"] is True
     for arm in arms.values():
-        assert arm["steps_run"] == TINY.warmup + TINY.iters * TINY.repeats
+        assert arm["steps_run"] == TINY.step_warmup + TINY.step_iters * TINY.step_repeats
         assert arm["last_loss"] < arm["first_loss"]  # the steps really train
         assert 0 < arm["fraction_of_ceiling"] and arm["tokens_per_s"] > 0
     summary = (out / "SUMMARY.md").read_text()

@@ -62,6 +62,10 @@ class GpuBenchShapes:
     warmup: int
     iters: int
     repeats: int
+    step_warmup: int
+    """Training steps are ~1000x a GEMM: fewer of them (the first FP8 ones also compile the quantizers)."""
+    step_iters: int
+    step_repeats: int
 
 
 FULL = GpuBenchShapes(
@@ -80,6 +84,9 @@ FULL = GpuBenchShapes(
     warmup=3,
     iters=10,
     repeats=5,
+    step_warmup=2,
+    step_iters=3,
+    step_repeats=3,
 )
 TINY = GpuBenchShapes(
     gemm_sizes=(128, 256),
@@ -96,6 +103,9 @@ TINY = GpuBenchShapes(
     warmup=1,
     iters=1,
     repeats=2,
+    step_warmup=1,
+    step_iters=1,
+    step_repeats=2,
 )
 
 
@@ -241,7 +251,7 @@ def run(out_dir: Path, *, quick: bool = False, tiny: bool = False) -> dict:
     tiny = tiny or device.type != "cuda"
     shapes = TINY if tiny else FULL
     if quick and not tiny:
-        shapes = GpuBenchShapes(**{**asdict(shapes), "iters": 3, "repeats": 3})
+        shapes = GpuBenchShapes(**{**asdict(shapes), "iters": 3, "repeats": 3, "step_iters": 1})
     timer = Timer(device, warmup=shapes.warmup, iters=shapes.iters, repeats=shapes.repeats)
     result = {
         **device_description(device),
@@ -255,7 +265,8 @@ def run(out_dir: Path, *, quick: bool = False, tiny: bool = False) -> dict:
     }
     ceiling = max(row["dense_tflops"]["max"] for row in result["gemm"])
     result["bf16_ceiling_tflops"] = ceiling
-    result["step"] = bench_steps(shapes, device, timer, ceiling, target=STEP_CEILING_TARGET)
+    step_timer = Timer(device, warmup=shapes.step_warmup, iters=shapes.step_iters, repeats=shapes.step_repeats)
+    result["step"] = bench_steps(shapes, device, step_timer, ceiling, target=STEP_CEILING_TARGET)
     result["load_at_end"] = machine_load()
     result["markdown"] = markdown(result)
     out_dir = Path(out_dir)

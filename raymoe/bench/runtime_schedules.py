@@ -52,16 +52,10 @@ WARMUP = 1
 def _config(schedule: str, pp: int, steps: int):
     from raymoe.config import load_config
 
-    return load_config(
-        PRESET,
-        OVERRIDES
-        + [
-            f"parallel.pp={pp}",
-            f"schedule.name={schedule}",
-            f"schedule.num_microbatches={MICROBATCHES}",
-            f"run.steps={steps}",
-        ],
-    )
+    return load_config(PRESET, OVERRIDES + [
+        f"parallel.pp={pp}", f"schedule.name={schedule}", f"schedule.num_microbatches={MICROBATCHES}",
+        f"run.steps={steps}",
+    ])
 
 
 def measure(pp: int, steps: int) -> dict:
@@ -87,14 +81,8 @@ def measure(pp: int, steps: int) -> dict:
                 if step >= WARMUP:
                     samples[name].append(report)
             loads.append(machine_load()["loadavg_1m"])
-        out = {
-            "pp": pp,
-            "microbatches": MICROBATCHES,
-            "cpus_per_worker": cpus,
-            "startup_s": group.startup_s,
-            "loadavg_1m": spread(loads),
-            "schedules": {},
-        }
+        out = {"pp": pp, "microbatches": MICROBATCHES, "cpus_per_worker": cpus, "startup_s": group.startup_s,
+               "loadavg_1m": spread(loads), "schedules": {}}
         for name, reports in samples.items():
             out["schedules"][name] = summarize(drivers[name].schedule, reports)
         return out
@@ -193,19 +181,16 @@ def markdown(results: dict) -> str:
                 f"{_fmt(rel.get('measured_pipeline_ratio'))} | {_fmt(rel.get('predicted_ratio'))} | "
                 f"{_fmt(rel.get('predicted_ratio_same_costs'))} |"
             )
-    loads = ", ".join(
-        f"pp={x['pp']}: {x['loadavg_1m']['min']:.1f}-{x['loadavg_1m']['max']:.1f}" for x in results["layouts"]
-    )
+    loads = ", ".join(f"pp={x['pp']}: {x['loadavg_1m']['min']:.1f}-{x['loadavg_1m']['max']:.1f}"
+                      for x in results["layouts"])
     skews = [s["skew_s"]["median"] * 1e3 for x in results["layouts"] for s in x["schedules"].values()]
     lines.append("")
-    lines.append(
-        f"_{results['preset']} preset ({' '.join(OVERRIDES)}), {MICROBATCHES} micro-batches, dp=1, "
-        f"{results['steps']} steps per schedule ({WARMUP} warm-up dropped), schedules alternated step by "
-        f"step on the same actors; 1-minute load average during the runs: {loads} on "
-        f"{results['machine']['cpus']} CPUs. Predicted: simulator with per-(kind, chunk) mean costs and "
-        f"the measured P2P latency; replayed: each step's own action durations; ranks started "
-        f"{min(skews):.0f}-{max(skews):.0f} ms apart (median skew)._"
-    )
+    lines.append(f"_{results['preset']} preset ({' '.join(OVERRIDES)}), {MICROBATCHES} micro-batches, dp=1, "
+                 f"{results['steps']} steps per schedule ({WARMUP} warm-up dropped), schedules alternated step by "
+                 f"step on the same actors; 1-minute load average during the runs: {loads} on "
+                 f"{results['machine']['cpus']} CPUs. Predicted: simulator with per-(kind, chunk) mean costs and "
+                 f"the measured P2P latency; replayed: each step's own action durations; ranks started "
+                 f"{min(skews):.0f}-{max(skews):.0f} ms apart (median skew)._")
     return "\n".join(lines)
 
 
@@ -231,14 +216,6 @@ def run(out_dir: Path, *, quick: bool = False) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "runtime_schedules.json").write_text(json.dumps(results, indent=2, default=str))
     (out_dir / "runtime_schedules.md").write_text(results["markdown"] + "\n")
-    return {
-        "markdown": results["markdown"],
-        "layouts": [
-            {
-                "pp": x["pp"],
-                "ratios": {n: s["ratio"] for n, s in x["schedules"].items()},
-                "dualpipe_vs_1f1b": x["dualpipe_vs_1f1b"],
-            }
-            for x in layouts
-        ],
-    }
+    return {"markdown": results["markdown"], "layouts": [
+        {"pp": x["pp"], "ratios": {n: s["ratio"] for n, s in x["schedules"].items()},
+         "dualpipe_vs_1f1b": x["dualpipe_vs_1f1b"]} for x in layouts]}

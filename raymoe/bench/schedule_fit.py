@@ -75,16 +75,13 @@ def step_timeline(schedule: Schedule, results: Iterable) -> StepTimeline:
         measured = [(t.kind, t.stage, t.microbatch) for t in r.timings]
         expected = [(a.kind.value, a.stage, a.microbatch) for a in actions]
         if measured != expected:
-            raise ValueError(
-                f"rank {r.pp_rank} timed {len(measured)} actions that do not match the "
-                f"{len(expected)} compute actions of schedule {schedule.name}; first timings "
-                f"{measured[:3]}, first actions {expected[:3]}"
-            )
+            raise ValueError(f"rank {r.pp_rank} timed {len(measured)} actions that do not match the "
+                             f"{len(expected)} compute actions of schedule {schedule.name}; first timings "
+                             f"{measured[:3]}, first actions {expected[:3]}")
         origin = r.timings_origin_s - first
         origins[r.pp_rank] = origin
-        spans[r.pp_rank] = tuple(
-            Span(action=a, start=origin + t.start_s, end=origin + t.end_s) for a, t in zip(actions, r.timings)
-        )
+        spans[r.pp_rank] = tuple(Span(action=a, start=origin + t.start_s, end=origin + t.end_s)
+                                 for a, t in zip(actions, r.timings))
     return StepTimeline(schedule=schedule, origins=origins, spans=spans)
 
 
@@ -120,9 +117,8 @@ def chunk_means(timelines: Sequence[StepTimeline]) -> dict[tuple[str, int], floa
 def per_chunk_costs(timelines: Sequence[StepTimeline]) -> Costs:
     """The per-kind means, overridden per (kind, chunk) by that chunk's means, and the measured P2P latency."""
     base = per_kind_costs(timelines)
-    return Costs(
-        f=base.f, b=base.b, w=base.w, fb=base.fb, p2p=p2p_latency(timelines) or 0.0, per_chunk=chunk_means(timelines)
-    )
+    return Costs(f=base.f, b=base.b, w=base.w, fb=base.fb, p2p=p2p_latency(timelines) or 0.0,
+                 per_chunk=chunk_means(timelines))
 
 
 def p2p_samples(timeline: StepTimeline) -> list[float]:
