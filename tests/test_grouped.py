@@ -157,3 +157,29 @@ def test_drop_in_for_run_routed_experts_is_bitwise_on_cpu():
     assert torch.equal(y, y_ref)
     for got, want in zip(grads, [p.grad for p in (*moe.experts.parameters(), moe.gate.weight)] + [x.grad]):
         assert torch.equal(got, want)
+
+
+def _meta_experts(num_experts: int, dim: int, inter: int):
+    def meta(*shape):
+        return torch.empty(*shape, device="meta", dtype=torch.bfloat16, requires_grad=True)
+
+    return meta(num_experts, inter, dim), meta(num_experts, inter, dim), meta(num_experts, dim, inter)
+
+
+def test_grouped_mm_call_passes_torchs_checks_on_meta_at_16b_shapes():
+    """No GPU here: torch's meta kernels for _grouped_mm (and its backward) apply the CUDA rules -- BF16, int32
+    offsets, 16-byte strides, 2-D x 3-D forward, 2-D x 2-D weight gradient -- so the exact calls of the CUDA path
+    are checked at the 16b preset's shapes (64 experts, 2048 -> 1408, 98,304 token copies)."""
+    w1, w3, w2 = _meta_experts(64, 2048, 1408)
+    x = torch.empty(98304, 2048, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    y = grouped_expert_mlp(x, torch.empty(64, dtype=torch.int64, device="meta"), w1, w3, w2, backend="grouped_mm")
+    assert y.shape == (98304, 2048) and y.dtype == torch.bfloat16
+    y.backward(torch.empty_like(y))
+    assert x.grad.shape == x.shape and w1.grad.shape == w1.shape and w2.grad.shape == w2.shape
+
+
+def test_grouped_mm_needs_16_byte_rows_on_meta():
+    w1, w3, w2 = _meta_experts(4, 256, 100)  # 100 BF16 = 200 bytes: not a multiple of 16
+    x = torch.empty(64, 256, device="meta", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="16 bytes"):
+        grouped_expert_mlp(x, torch.empty(4, dtype=torch.int64, device="meta"), w1, w3, w2, backend="grouped_mm")

@@ -36,6 +36,7 @@ Legend: T = token copies (sorted by expert), P = padded rows, E = experts, D = m
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -72,17 +73,19 @@ def stack_expert_weights(experts: Iterable[nn.Module] | nn.ModuleDict) -> Stacke
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the GEMMs run in: autocast's when it is on for x's device, else x's own."""
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
 
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """``auto``: ``grouped_mm`` for BF16 compute on CUDA (the fast kernel), ``loop`` everywhere else."""
+def resolve_backend(backend: str, x: torch.Tensor, dims: tuple[int, ...] = ()) -> str:
+    """``auto``: ``grouped_mm`` for BF16 compute on CUDA (the fast kernel) when every dim in ``dims`` is a whole
+    number of 16-byte rows (the kernel's stride rule), ``loop`` everywhere else."""
     if backend not in BACKENDS:
         raise ValueError(f"grouped expert backend must be one of {list(BACKENDS)}, got {backend!r}")
     if backend == "auto":
-        return "grouped_mm" if x.is_cuda and compute_dtype(x) == torch.bfloat16 else "loop"
+        aligned = all(d % GROUP_ALIGN == 0 for d in dims)
+        return "grouped_mm" if x.is_cuda and compute_dtype(x) == torch.bfloat16 and aligned else "loop"
     return backend
 
 
@@ -115,7 +118,7 @@ def grouped_expert_mlp(
 ) -> torch.Tensor:
     """``y_sorted_TD``: expert e's SwiGLU MLP applied to its ``counts_E[e]`` consecutive rows of ``x_sorted_TD``."""
     _check_shapes(x_sorted_TD, counts_E, w1_EID, w3_EID, w2_EDI)
-    if resolve_backend(backend, x_sorted_TD) == "loop":
+    if resolve_backend(backend, x_sorted_TD, tuple(w1_EID.shape[1:])) == "loop":
         return _loop(x_sorted_TD, counts_E, w1_EID, w3_EID, w2_EDI)
     return _grouped_mm(x_sorted_TD, counts_E, w1_EID, w3_EID, w2_EDI)
 
@@ -167,7 +170,10 @@ def _grouped_mm(x_sorted_TD, counts_E, w1_EID, w3_EID, w2_EDI) -> torch.Tensor:
     device = x_sorted_TD.device
     layout = padded_layout(counts_E.to(device), x_sorted_TD.shape[0])
     # Autocast does not know _grouped_mm: cast explicitly, and keep autocast away from the elementwise middle.
-    with torch.autocast(device.type, enabled=False):
+    no_autocast = (
+        torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) else nullcontext()
+    )
+    with no_autocast:
         x = x_sorted_TD.to(dtype)
         x_PD = x.new_zeros(layout.num_rows, x.shape[1]).index_copy(0, layout.rows_T, x)
         h1_PI = torch._grouped_mm(x_PD, w1_EID.to(dtype).transpose(-2, -1), offs=layout.offs_E)
