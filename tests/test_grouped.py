@@ -183,3 +183,15 @@ def test_grouped_mm_needs_16_byte_rows_on_meta():
     x = torch.empty(64, 256, device="meta", dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="16 bytes"):
         grouped_expert_mlp(x, torch.empty(4, dtype=torch.int64, device="meta"), w1, w3, w2, backend="grouped_mm")
+
+
+def test_stacking_in_the_compute_dtype_keeps_autograd_and_the_bf16_loop_bitwise():
+    experts = _experts()
+    x, counts = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref = _module_loop(experts, x, COUNTS)
+        stacked = stack_expert_weights(experts, dtype=torch.bfloat16)
+        y = grouped_expert_mlp(x, counts, *stacked, backend="loop")
+    assert stacked.w1_EID.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    y.float().sum().backward()
+    assert experts[0].w1.weight.grad.dtype == torch.float32 and experts[0].w1.weight.grad.abs().sum() > 0

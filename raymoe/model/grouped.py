@@ -56,19 +56,25 @@ class StackedExperts(NamedTuple):
     w2_EDI: torch.Tensor
 
 
-def stack_expert_weights(experts: Iterable[nn.Module] | nn.ModuleDict) -> StackedExperts:
-    """Stack the w1 / w3 / w2 weights of ``MLP`` experts; autograd flows back to each expert's parameters."""
+def stack_expert_weights(
+    experts: Iterable[nn.Module] | nn.ModuleDict, *, dtype: torch.dtype | None = None
+) -> StackedExperts:
+    """Stack the w1 / w3 / w2 weights of ``MLP`` experts; autograd flows back to each expert's parameters.
+
+    ``dtype`` casts each weight before stacking (BF16 compute: half the bytes of stacking FP32 masters and casting
+    the stack)."""
     modules = list(experts.values()) if isinstance(experts, nn.ModuleDict) else list(experts)
     if not modules:
         raise ValueError("stack_expert_weights needs at least one expert, got none")
     for index, module in enumerate(modules):
         if not all(isinstance(getattr(module, name, None), nn.Linear) for name in ("w1", "w2", "w3")):
             raise ValueError(f"expert {index} ({type(module).__name__}) is not an MLP with w1, w2, w3 linears")
-    return StackedExperts(
-        torch.stack([m.w1.weight for m in modules]),
-        torch.stack([m.w3.weight for m in modules]),
-        torch.stack([m.w2.weight for m in modules]),
-    )
+
+    def stacked(name: str) -> torch.Tensor:
+        weights = [getattr(m, name).weight for m in modules]
+        return torch.stack([w.to(dtype) for w in weights] if dtype is not None else weights)
+
+    return StackedExperts(stacked("w1"), stacked("w3"), stacked("w2"))
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -203,6 +209,8 @@ def run_routed_experts_grouped(
         counts_E = torch.bincount(topk_ids_NK.flatten(), minlength=len(experts))
     token_of_copy = order // top_k
     x_sorted = x_ND[token_of_copy]
-    y_sorted = grouped_expert_mlp(x_sorted, counts_E, *stack_expert_weights(experts), backend=backend)
+    # Cast while stacking to the dtype the GEMMs run in; a cast F.linear (autocast) would make anyway.
+    stacked = stack_expert_weights(experts, dtype=compute_dtype(x_ND))
+    y_sorted = grouped_expert_mlp(x_sorted, counts_E, *stacked, backend=backend)
     y_sorted = y_sorted * weights_NK.flatten()[order].unsqueeze(1).to(x_ND.dtype)
     return torch.zeros_like(x_ND).index_add_(0, token_of_copy, y_sorted)
