@@ -84,3 +84,26 @@ def test_compiled_twin_traces_and_matches_eager_bitwise_on_cpu(quantizer):
             assert w.shape == g.shape and torch.equal(w.float(), g.float())
         if quantizer in (fused.COLUMN_TILES_T, fused.REQUANTIZE_COLUMN_TILES_T):
             assert got[0].is_contiguous()  # the layout cuBLAS wants, written by the kernel
+
+
+@pytest.mark.parametrize("tokens,k,n", [(16384, 2048, 1408), (4096, 1408, 2048), (1000, 10944, 2048)])
+@pytest.mark.parametrize("compiled_layout", [False, True])
+def test_fp8_linear_gemm_calls_pass_torchs_layout_rules_on_meta(tokens, k, n, compiled_layout):
+    """Fprop, Dgrad and Wgrad as Fp8Linear makes them on CUDA, built from this module's quantizers on 'meta'
+    tensors (the compiled twins write the Wgrad payload contiguous, the eager ones leave a transposed view):
+    torch's meta kernel for _scaled_mm applies cuBLAS's block-scaling rules, so the calls are checked without a GPU."""
+    from raymoe.fp8.gemm import _scaled_mm_blockwise
+
+    x = torch.empty(tokens, k, device="meta", dtype=torch.bfloat16)
+    dy = torch.empty(tokens, n, device="meta", dtype=torch.bfloat16)
+    w_q = fused.quantize_weight(torch.empty(n, k, device="meta"), power_of_two=False, fused=False)
+    x_q = fused.quantize_activation(x, power_of_two=False, fused=False)
+    dy_q = fused.quantize_activation(dy, power_of_two=False, fused=False)
+    columns = fused._column_tiles_t_contiguous if compiled_layout else fused._column_tiles_t
+    requantize = fused._requantize_column_tiles_t_contiguous if compiled_layout else fused._requantize_column_tiles_t
+    dy_NT = fused.Fp8Tensor(*columns(dy, False), TILE)
+    x_KT = fused.Fp8Tensor(*requantize(x_q.data, x_q.scale, False), TILE)
+    assert _scaled_mm_blockwise(x_q, w_q, torch.bfloat16).shape == (tokens, n)
+    assert _scaled_mm_blockwise(dy_q, w_q.t(), torch.bfloat16).shape == (tokens, k)
+    assert _scaled_mm_blockwise(dy_NT, x_KT, torch.float32).shape == (n, k)
+    assert dy_NT.data.is_contiguous() == compiled_layout
