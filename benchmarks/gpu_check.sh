@@ -8,8 +8,8 @@
 #   1. here, once (needs PyPI):      bash benchmarks/gpu_check.sh prepare
 #   2. on the device, in one call:   run(command="bash benchmarks/gpu_check.sh device", carry=[".whl"],
 #                                        timeout_s=600)
-#      It prints the environment, runs the gpu-marked tests (~2-3 min, most of it torch.compile of the four FP8
-#      quantizers), then `python -m raymoe bench --only gpu` (~3-4 min), each under its own time limit so the call
+#      It prints the environment, runs the gpu-marked tests (limit 240 s; much of it torch.compile of the FP8
+#      quantizers), then `python -m raymoe bench --only gpu` (limit 270 s), each under its own time limit so the call
 #      returns inside 10 minutes, with everything under $OUT: env.txt, tests.log, bench.log, gpu.json, SUMMARY.md.
 #   3. here: copy gpu.json to benchmarks/results/, put its markdown in README's "GPU path" section.
 #
@@ -54,12 +54,12 @@ EOF
     } 2>&1 | tee "$out/env.txt"
 
     # gpu-marked tests: this (tests/test_gpu.py) and the earlier, never-run ones of the FP8 package.
-    timeout 270 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rA \
+    timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rA \
         tests/test_gpu.py tests/test_fp8_gemm.py tests/test_fp8_linear.py tests/test_fp8_bench.py \
         2>&1 | tee "$out/tests.log"
     echo "tests exit status: ${PIPESTATUS[0]}" | tee -a "$out/tests.log"
 
-    timeout 290 python3 -m raymoe bench --only gpu --out "$out/results" 2>&1 | tee "$out/bench.log"
+    timeout 270 python3 -m raymoe bench --only gpu --out "$out/results" 2>&1 | tee "$out/bench.log"
     echo "bench exit status: ${PIPESTATUS[0]}" | tee -a "$out/bench.log"
     cp "$out/results/gpu.json" "$out/results/SUMMARY.md" "$out/" 2>/dev/null
     rm -rf "$out/results"
