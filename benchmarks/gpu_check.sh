@@ -13,8 +13,8 @@
 #      returns inside 10 minutes, with everything under $OUT: env.txt, tests.log, bench.log, gpu.json, SUMMARY.md.
 #   3. here: copy gpu.json to benchmarks/results/, put its markdown in README's "GPU path" section.
 #
-# Budget: the device allows 15 minutes per session, start included; this leaves time for one rerun. Call
-# give_back afterwards unless rerunning at once.
+# Budget: the device allows 15 minutes per session, start included, so a full run leaves room to rerun one half:
+# `device tests` or `device bench` runs only that part. Call give_back afterwards unless rerunning at once.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +32,7 @@ prepare() {
 }
 
 device() {
-    local out="${OUT:-/tmp/gpu_check_out}" site="${SITE:-/tmp/site}"
+    local part="${1:-all}" out="${OUT:-/tmp/gpu_check_out}" site="${SITE:-/tmp/site}"
     mkdir -p "$out"
     export PYTHONUNBUFFERED=1 DS_ACCELERATOR=cuda RAY_USAGE_STATS_ENABLED=0
     if ls .whl/*.whl >/dev/null 2>&1; then
@@ -53,12 +53,21 @@ print("ray/deepspeed imported:", sorted(m for m in sys.modules if m.split(".")[0
 EOF
     } 2>&1 | tee "$out/env.txt"
 
+    [ "$part" = bench ] || run_tests "$out"
+    [ "$part" = tests ] || run_bench "$out"
+}
+
+run_tests() {
+    local out="$1"
     # gpu-marked tests: this issue's (tests/test_gpu.py) and the earlier, never-run ones of the FP8 package.
     timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rA \
         tests/test_gpu.py tests/test_fp8_gemm.py tests/test_fp8_linear.py tests/test_fp8_bench.py \
         2>&1 | tee "$out/tests.log"
     echo "tests exit status: ${PIPESTATUS[0]}" | tee -a "$out/tests.log"
+}
 
+run_bench() {
+    local out="$1"
     timeout 270 python3 -m raymoe bench --only gpu --out "$out/results" 2>&1 | tee "$out/bench.log"
     echo "bench exit status: ${PIPESTATUS[0]}" | tee -a "$out/bench.log"
     cp "$out/results/gpu.json" "$out/results/SUMMARY.md" "$out/" 2>/dev/null
@@ -68,6 +77,6 @@ EOF
 
 case "${1:-}" in
     prepare) prepare ;;
-    device) device ;;
-    *) echo "usage: $0 prepare|device" >&2; exit 2 ;;
+    device) device "${2:-all}" ;;
+    *) echo "usage: $0 prepare | device [all|tests|bench]" >&2; exit 2 ;;
 esac
