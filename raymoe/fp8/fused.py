@@ -12,11 +12,12 @@ here is the eager math of ``quant.py`` written as plain tensors in, plain tensor
     requantize_column_tiles_t(q)     dequantize 1x128, requantize   Wgrad's x^T from the cached FP8 activation
                                      128x1, transpose
 
-Policy (``FusedQuantizer.__call__``): the compiled twin runs only for CUDA tensors when asked (``Fp8Recipe.fused``);
-CPU tensors always take the eager function, so the CPU emulation is bitwise what it was. If compiling fails (no
-Triton, no C++ compiler, an unsupported op), the quantizer warns once and stays eager for the rest of the process:
-the result is the same math, only slower. The compiled twin is also callable directly (``.compiled``), which is
-how the CPU tests check that it traces (``fullgraph=True``, dynamic shapes) and matches the eager result.
+Policy (``FusedQuantizer.__call__``): the compiled twin runs only for CUDA tensors when asked
+(``Fp8Recipe.fused_quantization``); CPU tensors always take the eager function, so the CPU emulation is bitwise
+what it was. If compiling fails (no Triton, no C++ compiler, an unsupported op), the quantizer warns once and stays
+eager for the rest of the process: the result is the same math, only slower. The compiled twin is also callable
+directly (``.compiled``), which is how the CPU tests check that it traces (``fullgraph=True``, dynamic shapes) and
+matches the eager result.
 
 Legend: T = tokens, K = reduction dim, N = output features; Tg = ceil(T / 128).
 """
