@@ -134,7 +134,7 @@ def _two_steps(device: str, dtype: str, fp8: bool, grouped: bool):
     tokens = torch.randint(0, config.model.vocab_size, (4, 34), generator=torch.Generator().manual_seed(0))
     tokens = tokens.to(device)
     losses, grads = [], {}
-    with routed_experts("grouped" if grouped else "loop"):
+    with routed_experts("grouped" if grouped else "loop", model):
         for step in range(2):
             with compute_context(config, torch.device(device)):
                 out = model(tokens, mtp_weight=0.3)

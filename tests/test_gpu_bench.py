@@ -99,15 +99,17 @@ def test_model_flops_per_token_is_six_times_active_plus_attention():
     assert 3.0e9 < flops < 4.0e9  # ~3.5 GFLOP per token for this slice
 
 
-def test_routed_experts_swaps_in_the_grouped_path_and_restores_it():
-    import raymoe.model.moe as moe_module
-    from raymoe.model.grouped import run_routed_experts_grouped
+def test_routed_experts_switches_the_moe_backend_and_restores_it():
+    from raymoe.config import load_config
+    from raymoe.model import build_model
+    from raymoe.model.moe import MoE
 
-    original = moe_module.run_routed_experts
-    with routed_experts("grouped"):
-        assert moe_module.run_routed_experts is run_routed_experts_grouped
-    assert moe_module.run_routed_experts is original
-    with pytest.raises(ValueError, match="'grouped' or 'loop'"), routed_experts("cutlass"):
+    model = build_model(load_config("debug"), device="meta")
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    with routed_experts("loop", model):
+        assert {m.expert_backend for m in layers} == {"loop"}
+    assert {m.expert_backend for m in layers} == {"auto"}
+    with pytest.raises(ValueError, match="'grouped' or 'loop'"), routed_experts("cutlass", model):
         pass
 
 

@@ -5,11 +5,11 @@ vocabulary, real routing through the sigmoid gate, no MTP module. A step is what
 forward under BF16 autocast (FP32 master weights), backward, AdamW, zero the gradients. Three arms, each on a fresh
 model from the same seed:
 
-    bf16              routed experts as BF16 grouped GEMMs (``run_routed_experts_grouped``)
+    bf16              routed experts as BF16 grouped GEMMs (``MoE.expert_backend = "auto"`` on CUDA)
     fp8               attention, dense-FFN and shared-expert linears as ``Fp8Linear`` (block-scaled
                       ``_scaled_mm``, fused quantization); routed experts still BF16 grouped GEMMs, because torch
                       has no block-scaled grouped FP8 GEMM
-    bf16_expert_loop  routed experts one after another (``raymoe.model.moe.run_routed_experts`` as it is today)
+    bf16_expert_loop  routed experts one after another (``MoE.expert_backend = "loop"``)
 
 Until ``raymoe/model/moe.py`` calls the grouped path itself, the grouped arms swap it in for the duration of the
 arm (``routed_experts``), and put the original back afterwards.
@@ -30,20 +30,22 @@ ARMS = ("bf16", "fp8", "bf16_expert_loop")
 
 
 @contextmanager
-def routed_experts(kind: str) -> Iterator[None]:
-    """``grouped``: MoE layers run their routed experts through ``run_routed_experts_grouped``; ``loop``: as is."""
-    import raymoe.model.moe as moe_module
-    from raymoe.model.grouped import run_routed_experts_grouped
+def routed_experts(kind: str, model: torch.nn.Module) -> Iterator[None]:
+    """``grouped``: the MoE layers of ``model`` run their routed experts as grouped GEMMs where the kernel applies
+    (``MoE.expert_backend = "auto"``: BF16 on CUDA); ``loop``: one expert after another."""
+    from raymoe.model.moe import MoE
 
     if kind not in ("grouped", "loop"):
         raise ValueError(f"routed experts must be 'grouped' or 'loop', got {kind!r}")
-    saved = moe_module.run_routed_experts
-    if kind == "grouped":
-        moe_module.run_routed_experts = run_routed_experts_grouped
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    saved = [m.expert_backend for m in layers]
+    for m in layers:
+        m.expert_backend = "auto" if kind == "grouped" else "loop"
     try:
         yield
     finally:
-        moe_module.run_routed_experts = saved
+        for m, backend in zip(layers, saved):
+            m.expert_backend = backend
 
 
 def model_flops_per_token(model_cfg, top_k: int, seq_len: int) -> int:
@@ -92,7 +94,7 @@ def bench_arm(shapes, device: torch.device, timer, arm: str) -> dict:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with routed_experts("loop" if arm == "bf16_expert_loop" else "grouped"):
+    with routed_experts("loop" if arm == "bf16_expert_loop" else "grouped", model):
         seconds = timer(step)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     tokens_per_step = shapes.step_batch * shapes.step_seq_len

@@ -187,30 +187,3 @@ def _grouped_mm(x_sorted_TD, counts_E, w1_EID, w3_EID, w2_EDI) -> torch.Tensor:
         h_PI = F.silu(h1_PI) * h3_PI
         y_PD = torch._grouped_mm(h_PI, w2_EDI.to(dtype).transpose(-2, -1), offs=layout.offs_E)
         return y_PD.index_select(0, layout.rows_T)
-
-
-def run_routed_experts_grouped(
-    experts: nn.ModuleList,
-    x_ND: torch.Tensor,
-    topk_ids_NK: torch.Tensor,
-    weights_NK: torch.Tensor,
-    counts_E: torch.Tensor | None = None,
-    *,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """``raymoe.model.moe.run_routed_experts`` with the experts run by ``grouped_expert_mlp``: a drop-in.
-
-    Same sort, weighting and combine, so with the ``loop`` backend (CPU) the result is bitwise the original's;
-    on CUDA in BF16 the experts are three grouped GEMMs and nothing waits for the counts on the host.
-    """
-    top_k = topk_ids_NK.shape[1]
-    order = topk_ids_NK.flatten().argsort(stable=True)
-    if counts_E is None:
-        counts_E = torch.bincount(topk_ids_NK.flatten(), minlength=len(experts))
-    token_of_copy = order // top_k
-    x_sorted = x_ND[token_of_copy]
-    # Cast while stacking to the dtype the GEMMs run in; a cast F.linear (autocast) would make anyway.
-    stacked = stack_expert_weights(experts, dtype=compute_dtype(x_ND))
-    y_sorted = grouped_expert_mlp(x_sorted, counts_E, *stacked, backend=backend)
-    y_sorted = y_sorted * weights_NK.flatten()[order].unsqueeze(1).to(x_ND.dtype)
-    return torch.zeros_like(x_ND).index_add_(0, token_of_copy, y_sorted)
