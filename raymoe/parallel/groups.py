@@ -32,9 +32,6 @@ class ProcessGroups:
     mirror: Any = None
     members: dict[str, tuple[int, ...]] | None = None
 
-    def size(self, kind: str) -> int:
-        return len(self.members.get(kind, (self.rank,))) if self.members else 1
-
 
 def build_process_groups(topology: Topology, rank: int) -> ProcessGroups:
     mine: dict[str, Any] = {}

@@ -150,22 +150,6 @@ class PipelineStage(nn.Module):
             router_stats=stats + mtp_stats,
         )
 
-    def chunk_parameters(self, chunk: int) -> list[nn.Parameter]:
-        """The parameters chunk ``chunk`` uses (the W of a zero-bubble split computes their gradients)."""
-        modules: list[nn.Module] = [self.layers[str(i)] for i in self.plan.layers_of(chunk)]
-        if chunk == 0 or (chunk == self.plan.last_chunk and self.mtp_depth > 0):
-            modules.append(self.embed)
-        if chunk == self.plan.last_chunk:
-            modules += [self.norm, self.head, self.mtp]
-        seen: set[int] = set()
-        params = []
-        for module in modules:
-            for p in module.parameters():
-                if id(p) not in seen and p.requires_grad:
-                    seen.add(id(p))
-                    params.append(p)
-        return params
-
     def gates(self) -> list[Gate]:
         return [m for m in self.modules() if isinstance(m, Gate)]
 
