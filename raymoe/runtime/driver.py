@@ -40,6 +40,7 @@ from raymoe.runtime.driver_state import TRANSITIONS, DriverState, Transition
 from raymoe.runtime.results import LoadInfo, StepInputs, StepResult
 from raymoe.runtime.worker_group import WorkerGroup
 from raymoe.schedule import Schedule, build_schedule
+from raymoe.schedule.layout_rules import check_zero_stage
 from raymoe.train.metrics import StepMetrics, load_statistics
 from raymoe.train.optim import lr_at
 
@@ -79,33 +80,11 @@ class RestartFromCheckpoint:
 def validate_layout(config: Config) -> tuple[Schedule, StagePlan]:
     """Everything about a layout that can be refused without a cluster; ValueError names the values."""
     p = config.parallel
-    if p.ep > 1 and p.zero_stage == 2:
-        raise ValueError(f"parallel.zero_stage=2 with parallel.ep={p.ep}: ZeRO-2 does not partition expert shards "
-                         f"yet; use parallel.zero_stage=1 (the paper's choice) or 0")
+    check_zero_stage(zero_stage=p.zero_stage, schedule=config.schedule.name, pp=p.pp, ep=p.ep,
+                     mtp_depth=config.mtp.depth)
     schedule = build_schedule(config.schedule.name, p.pp, config.schedule.num_microbatches)
-    if p.zero_stage == 2 and p.pp > 1:
-        _check_zero2_with_pipeline(config, schedule.placement.family)
     plan = plan_stages(config.model.num_layers, schedule.placement.num_chunks, p.stage_layers)
     return schedule, plan
-
-
-def _check_zero2_with_pipeline(config: Config, family: str) -> None:
-    """ZeRO-2 reduces and frees each backward pass's gradients at once; parameters copied on two pipeline ranks
-    (``raymoe.parallel.stage_plan.grad_sync_plan``) are summed after the last backward, too late for it."""
-    p, name = config.parallel, config.schedule.name
-    if family == "dualpipe":
-        raise ValueError(
-            f"parallel.zero_stage=2 with schedule.name={name}, parallel.pp={p.pp}: DualPipe keeps two copies of "
-            f"every stage whose gradients are summed after the last backward, when ZeRO-2 has already reduced and "
-            f"freed them; use schedule.name=dualpipev (one copy) or parallel.zero_stage=1"
-        )
-    if family == "one-per-rank" and config.mtp.depth > 0:
-        raise ValueError(
-            f"parallel.zero_stage=2 with schedule.name={name}, parallel.pp={p.pp}, mtp.depth={config.mtp.depth}: the "
-            f"MTP modules on the last stage use a copy of the first stage's embedding, whose gradients are summed "
-            f"after the last backward, when ZeRO-2 has already reduced and freed them; use schedule.name=dualpipev "
-            f"(first and last stage on one rank), parallel.pp=1, mtp.depth=0 or parallel.zero_stage=1"
-        )
 
 
 @dataclass
