@@ -155,3 +155,24 @@ def test_identity_experts_return_the_input_exactly_through_the_all_to_all():
     for r in run_gloo(2, _ep_vs_reference, False, True):
         y, y_ref = r["y"]
         torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+
+
+def _mismatched_layers(rank: int, world: int):
+    import torch.distributed as dist
+
+    from raymoe.parallel.dispatcher import AllToAllDispatcher, contiguous_placement
+
+    dispatcher = AllToAllDispatcher(group=dist.group.WORLD, rank_of_expert_E=contiguous_placement(8, world))
+    x = torch.randn(4, 16)
+    ids = torch.tensor([[0, 5]] * 4)
+    try:  # rank 1 thinks it is at another MoE layer: the header exchange catches it before any data moves
+        dispatcher.dispatch(x, ids, torch.full((4, 2), 0.5), layer=3 if rank == 0 else 4)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_ranks_at_different_layers_get_an_error_naming_both_not_a_hang():
+    messages = run_gloo(2, _mismatched_layers, timeout_s=60)
+    assert "MoE layer (router slot) 3" in messages[0] and "peer rank 1 is at router slot 4" in messages[0]
+    assert "MoE layer (router slot) 4" in messages[1] and "peer rank 0 is at router slot 3" in messages[1]
