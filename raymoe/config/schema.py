@@ -220,6 +220,10 @@ class ParallelConfig:
 class ScheduleConfig:
     name: str = "1f1b"
     num_microbatches: int = 1
+    overlap_a2a: bool = False
+    """Expert parallelism: in DualPipe's F&B pairs, run the forward and the backward chunk at the same time, so
+    each one's all-to-alls are in flight while the other computes (``raymoe.parallel.executor``). Bitwise the
+    same result as without."""
 
     def __post_init__(self) -> None:
         _one_of("schedule", "name", self.name, SCHEDULES)

@@ -9,8 +9,12 @@ The schedule (``raymoe.schedule``) decides *what* runs *when*; this module only 
     B   full backward: gradient w.r.t. the stage input and the weights
     I   backward for the input only; the weight half is queued in this executor's weight-gradient queue ...
     W   ... and computed when the W of the same (stage, micro-batch) comes
-    FB  DualPipe's overlapped pair: run here as its forward, then its backward (the contract allows it; on CPU
-        there is no second stream to overlap them on)
+    FB  DualPipe's overlapped pair: its forward, then its backward; with ``overlap`` (``schedule.overlap_a2a``)
+        both at once, the forward on a second thread, so each chunk's expert all-to-alls are in flight while the
+        other chunk computes. Forward exchanges go over the ep group, backward ones over its twin
+        (``ProcessGroups.ep_backward``), so each group sees its collectives in the action list's order on every
+        rank whatever the threads' timing: no race picks the order. The arithmetic of each micro-batch is the
+        same, so the result is bitwise the sequential one (tested).
     SEND_* / RECV_*   a maximal run of them is one posted batch (``p2p.py``)
 
 A receive is waited for right before the compute that consumes it, sends at the end of the step. Where two
@@ -32,6 +36,8 @@ which ZeRO-2 reduces and partitions each pass's gradients (``raymoe.zero``).
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -158,7 +164,11 @@ class Executor:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         after_backward: Callable[[], None] | None = None,
+        overlap: bool = False,
+        compute_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
+        """``compute_context``: what the step runs under (bf16 autocast), entered again by the overlap thread
+        (autocast state is per thread)."""
         self.stage = stage
         self.placement = placement
         self.pipeline_rank = pipeline_rank
@@ -180,6 +190,8 @@ class Executor:
         self._deferring = False
         self._step: _StepState | None = None
         self._after_backward = after_backward or (lambda: None)
+        self.overlap = overlap
+        self._compute_context = compute_context
 
     # -- one step ------------------------------------------------------------------------------------------------
     def run(self, actions: Sequence[Action], tokens: Mapping[int, torch.Tensor], mtp_weight: float) -> StepOutcome:
@@ -251,8 +263,8 @@ class Executor:
     def _compute(self, action: Action) -> None:
         if action.kind is Kind.FB:
             forward, backward = action.parts()
-            self._timed(action, lambda: (self._forward(forward), self._backward(backward, split=False)),
-                        inputs=[forward, backward])
+            run = self._overlapped if self.overlap else self._in_turn
+            self._timed(action, lambda: run(forward, backward), inputs=[forward, backward])
         elif action.kind is Kind.F:
             self._timed(action, lambda: self._forward(action), inputs=[action])
         elif action.kind is Kind.B:
@@ -283,6 +295,31 @@ class Executor:
 
     def _local(self, stage: int | None) -> bool:
         return stage is not None and self.placement.rank_of(stage) == self.pipeline_rank
+
+    def _in_turn(self, forward: Action, backward: Action) -> None:
+        self._forward(forward)
+        self._backward(backward, split=False)
+
+    def _overlapped(self, forward: Action, backward: Action) -> None:
+        """The F&B pair's two chunks at once: the forward on a thread, the backward here. They touch different
+        micro-batches; the backward alone writes gradients, so every sum runs in its usual order."""
+        failure: list[BaseException] = []
+
+        def run_forward() -> None:
+            try:
+                with self._compute_context():
+                    self._forward(forward)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the executor's thread below
+                failure.append(exc)
+
+        thread = threading.Thread(target=run_forward, name=f"fb-forward-{forward.stage}-{forward.microbatch}")
+        thread.start()
+        try:
+            self._backward(backward, split=False)
+        finally:
+            thread.join()
+        if failure:
+            raise failure[0]
 
     def _forward(self, action: Action) -> None:
         info = self.placement.info(action.stage)

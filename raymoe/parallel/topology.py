@@ -93,6 +93,10 @@ class Topology:
             for i in range(self.edp)
         ]
 
+    def ep_backward_groups(self) -> list[tuple[int, ...]]:
+        """The ep groups again: a second communicator per ep group for backward all-to-alls."""
+        return self.ep_groups()
+
     def edp_groups(self) -> list[tuple[int, ...]]:
         return [
             tuple(self.rank(pp_rank=p, dp_rank=i * self.ep + e) for i in range(self.edp))
