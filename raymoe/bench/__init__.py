@@ -11,6 +11,7 @@ BENCHMARKS = {
     "gpu": "raymoe.bench.gpu",
     "runtime_schedules": "raymoe.bench.runtime_schedules",
     "expert_parallel": "raymoe.bench.expert_parallel",
+    "a2a_overlap": "raymoe.bench.a2a_overlap",
 }
 
 TINY_CAPABLE = frozenset({"gpu"})
