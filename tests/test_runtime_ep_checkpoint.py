@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_runtime_reshard import _parameters
 
 from raymoe.checkpoint import CheckpointStore, Manifest
 from raymoe.config import load_config
@@ -29,13 +30,6 @@ def _config(*overrides: str):
 def _group(worker_groups, config):
     p = config.parallel
     return worker_groups.get(Topology(pp=p.pp, ep=p.ep, dp=p.dp))
-
-
-def _parameters(driver) -> dict[str, torch.Tensor]:
-    merged = {}
-    for part in driver.worker_group.execute("parameters", driver.key):
-        merged.update(part)
-    return merged
 
 
 @pytest.fixture(scope="module")
