@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import pytest
 
@@ -24,7 +24,7 @@ def _plan(name: str, **assume):
     return _cached_plan(name, tuple(sorted(assume.items())))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cached_plan(name: str, assume: tuple):
     run = PUBLISHED[name]
     cfg = load_config(run.preset, list(run.overrides))

@@ -11,6 +11,12 @@ measured on this machine (DESIGN.md: a 4 MiB all-to-all between two local actors
 Then ``plan_step`` prices the run's own config and layout on that entry (fp32, no SMs lent to communication:
 ``comm_sm_fraction=0``), and each (kind, chunk)'s predicted seconds is set beside the mean measured duration of the
 same actions in the run (the first step, which warms up allocators, left out).
+
+Two more columns say where a gap comes from. *Isolated*: the same chunk's forward and full backward on one
+micro-batch of the same shape, timed here in one process on one thread (``PipelineStage.forward_chunk``, the
+module the workers run), so no other rank or engineer shares its core: measured-in-run / isolated is contention.
+*Dispatch*: the aten operators that chunk's forward and backward execute (counted with a dispatch mode) times the
+probed cost of one tiny operator: what the FLOP/byte model leaves out, and what dominates a model this small.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from raymoe.plan.devices import DeviceSpec
+from raymoe.plan.step import StepPlan
 
 GLOO_LOCAL_GBPS = 1.6
 
@@ -66,6 +74,81 @@ def probe_cpu_device(*, threads: int = 1) -> DeviceSpec:
     )
 
 
+def probe_op_seconds(*, threads: int = 1) -> float:
+    """Seconds of one tiny eager operator with autograd recording: the per-op dispatch floor."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.ones(8, requires_grad=True)
+        return _best_seconds(lambda: x * 1.5, inner=2000)
+    finally:
+        torch.set_num_threads(previous)
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def isolated_chunks(cfg, plan: StepPlan, *, threads: int = 1, repeats: int = 5) -> dict[int, dict[str, float]]:
+    """Per chunk: forward and full-backward seconds (median of ``repeats``) and aten ops, one thread, this process."""
+    from raymoe.model import build_model
+    from raymoe.parallel.stage_plan import PipelineStage, plan_stages
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = build_model(cfg, seed=cfg.run.seed)
+        stages = plan_stages(cfg.model.num_layers, len(plan.chunks), tuple(plan.layout.stage_layers))
+        stage = PipelineStage(model, stages, range(len(plan.chunks)))
+        batch = plan.tokens_per_microbatch // cfg.data.seq_len
+        gen = torch.Generator().manual_seed(0)
+        tokens_BL = torch.randint(0, cfg.model.vocab_size, (batch, cfg.data.seq_len + 1 + cfg.mtp.depth),
+                                  generator=gen)
+        out = {}
+        for c in range(len(plan.chunks)):
+            def run(c=c, counter=None):
+                x = None if c == 0 else torch.randn(batch, cfg.data.seq_len, cfg.model.dim, generator=gen,
+                                                      requires_grad=True)
+                start = time.perf_counter()
+                with counter or _nullcontext():
+                    result = stage.forward_chunk(c, x, tokens_BL, cfg.mtp.loss_weight)
+                mid = time.perf_counter()
+                fwd_ops = counter.count if counter else 0
+                with counter or _nullcontext():
+                    if result.hidden_BTD is None:
+                        result.objective.backward()
+                    else:  # the chunk's balance losses join the backward when it has MoE layers
+                        outs = [result.hidden_BTD] + ([result.objective] if result.objective.requires_grad else [])
+                        torch.autograd.backward(outs, [torch.ones_like(result.hidden_BTD)] + [None] * (len(outs) - 1))
+                end = time.perf_counter()
+                stage.zero_grad(set_to_none=True)
+                return mid - start, end - mid, fwd_ops, (counter.count - fwd_ops) if counter else 0
+
+            run()  # warm-up
+            times = [run() for _ in range(repeats)]
+            counter = _OpCounter()
+            _, _, f_ops, b_ops = run(counter=counter)
+            out[c] = {"f_s": statistics.median(t[0] for t in times), "b_s": statistics.median(t[1] for t in times),
+                      "f_ops": f_ops, "b_ops": b_ops}
+        return out
+    finally:
+        torch.set_num_threads(previous)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
 def measured_action_costs(run_dir: Path, placement) -> dict[tuple[str, int], list[float]]:
     """Durations of every measured compute action by (kind, chunk), steps after the first."""
     from raymoe.report.records import iter_actions, read_jsonl
@@ -94,19 +177,28 @@ def calibrate(run_dir: str | Path) -> dict:
                     stage_layers=tuple(par.stage_layers))
     plan = plan_step(cfg, layout, device=device, assume=Assumptions(comm_sm_fraction=0.0))
     measured = measured_action_costs(run_dir, _placement(plan))
+    op_s = probe_op_seconds()
+    isolated = isolated_chunks(cfg, plan)
     rows = []
     for (kind, chunk), durations in sorted(measured.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         predicted = plan.costs.per_chunk.get((kind, chunk))
         if predicted is None:
             continue
-        mean = statistics.fmean(durations)
-        rows.append({"kind": kind, "chunk": chunk, "samples": len(durations), "measured_mean_s": mean,
-                     "measured_median_s": statistics.median(durations), "predicted_s": predicted,
-                     "measured_over_predicted": mean / predicted if predicted else None})
+        median = statistics.median(durations)
+        row = {"kind": kind, "chunk": chunk, "samples": len(durations), "measured_mean_s": statistics.fmean(durations),
+               "measured_median_s": median, "predicted_s": predicted,
+               "measured_over_predicted": median / predicted if predicted else None}
+        iso = isolated[chunk]
+        if kind in ("F", "B", "FB"):  # the kinds the isolated run times (FB on a CPU: F then B)
+            row["isolated_s"] = {"F": iso["f_s"], "B": iso["b_s"], "FB": iso["f_s"] + iso["b_s"]}[kind]
+            ops = {"F": iso["f_ops"], "B": iso["b_ops"], "FB": iso["f_ops"] + iso["b_ops"]}[kind]
+            row["aten_ops"] = ops
+            row["predicted_plus_dispatch_s"] = predicted + ops * op_s
+        rows.append(row)
     ratios = sorted(r["measured_over_predicted"] for r in rows if r["measured_over_predicted"])
     summary = {"min": ratios[0], "median": statistics.median(ratios), "max": ratios[-1]} if ratios else {}
-    return {"run_dir": str(run_dir), "device": device.as_dict(), "load_avg": os.getloadavg(), "actions": rows,
-            "measured_over_predicted": summary, "predicted_makespan_s": plan.sim.makespan}
+    return {"run_dir": str(run_dir), "device": device.as_dict(), "op_dispatch_s": op_s, "load_avg": os.getloadavg(),
+            "actions": rows, "measured_over_predicted": summary, "predicted_makespan_s": plan.sim.makespan}
 
 
 def _placement(plan):
@@ -126,10 +218,14 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.out).write_text(text + "\n")
     dev = result["device"]
     print(f"cpu entry: {dev['source']}")
-    print(f"{'kind':>4} {'chunk':>5} {'n':>5} {'measured ms':>12} {'predicted ms':>13} {'measured/predicted':>19}")
+    print(f"one dispatched op: {result['op_dispatch_s'] * 1e6:.1f} us")
+    print(f"{'kind':>4} {'chunk':>5} {'n':>5} {'run median ms':>14} {'predicted ms':>13} {'run/pred':>9} "
+          f"{'isolated ms':>12} {'ops':>6} {'pred+dispatch ms':>17}")
     for r in result["actions"]:
-        print(f"{r['kind']:>4} {r['chunk']:>5} {r['samples']:>5} {r['measured_mean_s'] * 1e3:>12.2f} "
-              f"{r['predicted_s'] * 1e3:>13.2f} {r['measured_over_predicted']:>19.2f}")
+        iso = f"{r['isolated_s'] * 1e3:>12.2f} {r['aten_ops']:>6} {r['predicted_plus_dispatch_s'] * 1e3:>17.2f}" \
+            if "isolated_s" in r else ""
+        print(f"{r['kind']:>4} {r['chunk']:>5} {r['samples']:>5} {r['measured_median_s'] * 1e3:>14.2f} "
+              f"{r['predicted_s'] * 1e3:>13.2f} {r['measured_over_predicted']:>9.2f} {iso}")
     if result["measured_over_predicted"]:
         s = result["measured_over_predicted"]
         print(f"measured/predicted min {s['min']:.2f} median {s['median']:.2f} max {s['max']:.2f}; "
