@@ -74,7 +74,8 @@ def format_step(plan: StepPlan, *, tokens: float | None = None) -> str:
     rows += [
         f"all-to-all: a token reaches {dest.ranks:.2f} ranks on {dest.nodes:.2f} nodes (remote: "
         f"{dest.remote_ranks:.2f} ranks, {dest.remote_nodes:.2f} nodes); per MoE layer and micro-batch "
-        f"{_gb(a2a.ib_bytes)} IB + {_gb(a2a.nvlink_bytes)} NVLink per rank each way = {a2a.seconds * 1e3:.2f} ms forward, same backward",
+        f"{_gb(a2a.ib_bytes)} IB + {_gb(a2a.nvlink_bytes)} NVLink per rank each way = "
+        f"{a2a.seconds * 1e3:.2f} ms forward, same backward",
         f"  overlap: {step_report(plan)['a2a_overlap']}",
         f"pipeline send {plan.p2p_s * 1e3:.2f} ms per micro-batch",
         f"{'chunk':>5} {'layers':>7} {'F ms':>8} {'B ms':>8} {'W ms':>8} {'a2a F ms':>9} {'act/mb':>10} "
