@@ -45,4 +45,5 @@ def test_calibration_sets_predictions_beside_the_runs_action_timings(tmp_path):
             assert row["isolated_s"] > 0 and row["aten_ops"] > 10
             assert row["predicted_plus_dispatch_s"] > row["predicted_s"]
     assert result["device"]["name"] == "cpu"
+    assert result["measured_makespan_s"]["median"] == pytest.approx(sim.makespan)
     assert result["measured_over_predicted"]["min"] <= result["measured_over_predicted"]["max"]

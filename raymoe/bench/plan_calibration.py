@@ -163,6 +163,16 @@ def measured_action_costs(run_dir: Path, placement) -> dict[tuple[str, int], lis
     return out
 
 
+def measured_makespans(run_dir: Path) -> list[float]:
+    """Each step's pipeline makespan (steps after the first), as ``raymoe report`` measures it."""
+    from raymoe.report.records import iter_actions, read_jsonl
+    from raymoe.report.timings import group_by_step, step_timings
+
+    steps = group_by_step(iter_actions(read_jsonl(run_dir / "actions.jsonl").rows))
+    first = min(steps, default=0)
+    return [step_timings(acts).makespan for step, acts in sorted(steps.items()) if step > first]
+
+
 def calibrate(run_dir: str | Path) -> dict:
     from raymoe.plan.assumptions import Assumptions
     from raymoe.plan.memory import Layout
@@ -195,10 +205,13 @@ def calibrate(run_dir: str | Path) -> dict:
             row["aten_ops"] = ops
             row["predicted_plus_dispatch_s"] = predicted + ops * op_s
         rows.append(row)
+    makespans = measured_makespans(run_dir)
     ratios = sorted(r["measured_over_predicted"] for r in rows if r["measured_over_predicted"])
     summary = {"min": ratios[0], "median": statistics.median(ratios), "max": ratios[-1]} if ratios else {}
     return {"run_dir": str(run_dir), "device": device.as_dict(), "op_dispatch_s": op_s, "load_avg": os.getloadavg(),
-            "actions": rows, "measured_over_predicted": summary, "predicted_makespan_s": plan.sim.makespan}
+            "actions": rows, "measured_over_predicted": summary, "predicted_makespan_s": plan.sim.makespan,
+            "measured_makespan_s": {"min": min(makespans), "median": statistics.median(makespans),
+                                    "max": max(makespans)} if makespans else {}}
 
 
 def _placement(plan):
@@ -230,6 +243,10 @@ def main(argv: list[str] | None = None) -> None:
         s = result["measured_over_predicted"]
         print(f"measured/predicted min {s['min']:.2f} median {s['median']:.2f} max {s['max']:.2f}; "
               f"load average at calibration {tuple(round(x, 2) for x in result['load_avg'])}")
+    if result["measured_makespan_s"]:
+        m = result["measured_makespan_s"]
+        print(f"pipeline makespan: measured min {m['min'] * 1e3:.1f} / median {m['median'] * 1e3:.1f} / max "
+              f"{m['max'] * 1e3:.1f} ms, predicted {result['predicted_makespan_s'] * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

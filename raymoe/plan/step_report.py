@@ -23,6 +23,7 @@ def step_report(plan: StepPlan, *, tokens: float | None = None) -> dict[str, obj
                         "exposed in lone F/B/I" if any(k == "FB" for k, _ in plan.costs.per_chunk)
                         else "exposed in every F/B/I")
         + (" less the shared expert's compute" if plan.assume.overlap_shared_expert else ""),
+        "p2p_bytes": plan.p2p_bytes,
         "p2p_s": plan.p2p_s,
         "chunks": [c.as_dict() for c in plan.chunks],
         "simulator_costs": str(plan.costs),
@@ -77,7 +78,8 @@ def format_step(plan: StepPlan, *, tokens: float | None = None) -> str:
         f"{_gb(a2a.ib_bytes)} IB + {_gb(a2a.nvlink_bytes)} NVLink per rank each way = "
         f"{a2a.seconds * 1e3:.2f} ms forward, same backward",
         f"  overlap: {step_report(plan)['a2a_overlap']}",
-        f"pipeline send {plan.p2p_s * 1e3:.2f} ms per micro-batch",
+        f"pipeline send {_gb(plan.p2p_bytes)} in {plan.p2p_s * 1e3:.2f} ms per micro-batch and stage boundary, "
+        "each way",
         f"{'chunk':>5} {'layers':>7} {'F ms':>8} {'B ms':>8} {'W ms':>8} {'a2a F ms':>9} {'act/mb':>10} "
         f"{'no recompute':>13}",
     ]
