@@ -6,7 +6,8 @@ expert all-to-all enters each action is the schedule's business, and it is expli
 
   * DualPipe / DualPipeV F&B pairs (``FB`` actions): one chunk's all-to-all runs while the other chunk computes, so
     the pair costs ``max(compute / (1 - comm_sm_fraction), all-to-all)``: the compute slowed by the SMs the
-    communication kernels take, or the communication if that is longer (then exposed);
+    communication kernels take, or the communication if that is longer (then exposed); a pair with no
+    all-to-all (ep = 1, or dense chunks) costs its compute;
   * every other F, B or I (1F1B, GPipe, ZB1P, and DualPipe's warm-up and cool-down): the all-to-all is exposed,
     less the shared expert's compute when ``overlap_shared_expert`` (DeepSeek-V2 overlapped these); W has none.
 
@@ -147,8 +148,9 @@ def _action_costs(schedule, chunks: tuple[ChunkCost, ...], assume: Assumptions, 
             cf, cb = placement.info(a.stage).chunk, placement.info(a.b_stage).chunk
             fwd, bwd = chunks[cf], chunks[cb]
             compute = fwd.f + bwd.b
-            slowed = compute / (1 - assume.comm_sm_fraction)
             comm = fwd.a2a_f + bwd.a2a_b
+            # SMs are lent only to an all-to-all that exists (ep > 1 and the pair has MoE layers).
+            slowed = compute / (1 - assume.comm_sm_fraction) if comm > 0 else compute
             cost = max(slowed, comm)
             if per_chunk.get(("FB", cf), cost) != cost:
                 raise AssertionError(f"FB pairs forward chunk {cf} with different backward chunks")

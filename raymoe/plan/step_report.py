@@ -95,7 +95,7 @@ def format_step(plan: StepPlan, *, tokens: float | None = None) -> str:
         f"{b['bubble']:.3f} s, dp reduction {b['dp_reduction_exposed']:.3f} s, optimizer {b['optimizer']:.3f} s",
         f"throughput {plan.tokens_per_s:,.0f} tokens/s ({plan.tokens_per_s / plan.num_devices:,.0f} per device), "
         f"MFU {plan.mfu:.1%} of {d.peak_bf16_tflops:g} TFLOP/s BF16 peak, "
-        f"{plan.gpu_hours(1e12) / 1e3:,.1f}K GPU-hours per trillion tokens",
+        f"{plan.gpu_hours(1e12):,.0f} GPU-hours per trillion tokens",
     ]
     if tokens is not None:
         rows.append(f"{tokens:.4g} tokens: {plan.gpu_hours(tokens):,.0f} GPU-hours, {plan.wall_hours(tokens):,.1f} "
