@@ -230,6 +230,7 @@ def plan_step(cfg: Config, layout: Layout, *, device: DeviceSpec, assume: Assump
     return StepPlan(
         layout=layout, num_microbatches=mbs, tokens_per_microbatch=tokens,
         tokens_per_step=cfg.data.batch_size * cfg.data.seq_len, num_devices=layout.pp * layout.dp, device=device,
-        assume=assume, destinations=dest, a2a=a2a, p2p_bytes=tokens * m.dim * act_bytes, p2p_s=p2p_s, chunks=chunks, costs=costs, sim=sim,
+        assume=assume, destinations=dest, a2a=a2a, p2p_bytes=tokens * m.dim * act_bytes, p2p_s=p2p_s,
+        chunks=chunks, costs=costs, sim=sim,
         memory=memory, rank_memory=tuple(rank_memory), reduction=reduction, optimizer_s=optimizer_s,
         breakdown=breakdown, model_flops_per_step=model_flops)
