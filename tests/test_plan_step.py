@@ -183,3 +183,17 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="divisible by dp x micro-batches"):
         plan_step(cfg, Layout(pp=16, ep=64, dp=128, schedule="dualpipe"), device=DEVICES["h800"],
                   assume=Assumptions(), num_microbatches=50)
+
+
+@pytest.mark.parametrize(("schedule", "pp"), [("gpipe", 4), ("1f1b", 4), ("zb1p", 4), ("dualpipe", 4),
+                                              ("dualpipev", 2)])
+def test_every_schedule_prices_and_adds_up(schedule, pp):
+    cfg = load_config("236b", ["data.batch_size=256"])
+    plan = plan_step(cfg, Layout(pp=pp, ep=8, dp=16, schedule=schedule), device=device_spec("h100"),
+                     assume=Assumptions(), num_microbatches=4 * pp if schedule != "gpipe" else pp)
+    parts = ("compute", "a2a_exposed", "comm_sm_share", "bubble", "dp_reduction_exposed", "optimizer")
+    assert sum(plan.breakdown[k] for k in parts) == pytest.approx(plan.step_s)
+    has_pairs = any(kind == "FB" for kind, _ in plan.costs.per_chunk)
+    assert has_pairs == schedule.startswith("dualpipe")
+    assert plan.breakdown["comm_sm_share"] > 0 if has_pairs else plan.breakdown["comm_sm_share"] == 0
+    assert len(plan.chunks) == (2 * pp if schedule == "dualpipev" else pp)
