@@ -94,62 +94,64 @@ def block_seconds(work: BlockWork, *, tokens: int, device: DeviceSpec, assume: A
     return _Seconds(f=f + core + moved, b=b + 2.5 * core + 2 * moved + redo, w=w)
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Part:
+    """One block of a chunk (a layer, the head, an MTP input) per token, ready to be summed."""
+
+    seconds: _Seconds
+    shared: _Seconds
+    """The shared experts' share of ``seconds`` (it can hide an all-to-all)."""
+    flops: float
+    saved: float
+    """Activation bytes per token without recomputation."""
+    saved_recompute: float
+
+
 def chunk_costs(cfg: Config, *, layer_ranges: tuple[range, ...], tokens: int, device: DeviceSpec,
                 assume: Assumptions, a2a: AllToAll) -> tuple[ChunkCost, ...]:
     """Costs of every chunk of ``layer_ranges`` for a micro-batch of ``tokens`` tokens per rank."""
     m = cfg.model
     act = 2 if cfg.precision.dtype == "bf16" else 4
-    fp8, top_k, seq = cfg.precision.fp8, cfg.routing.top_k, cfg.data.seq_len
-    attn = attention_block(m, seq_len=seq, act_bytes=act)
-    attn_saved = attention_saved(m)
+    fp8, top_k = cfg.precision.fp8, cfg.routing.top_k
 
-    def sized(saved, recompute: bool) -> float:
-        return saved_bytes(saved, act_bytes=act, fp8=fp8, recompute=recompute)
+    def seconds(work: BlockWork, dropped_bytes: float = 0.0) -> _Seconds:
+        return block_seconds(work, tokens=tokens, device=device, assume=assume, fp8=fp8,
+                             recomputed_bytes=dropped_bytes)
 
-    def dropped(saved) -> float:
-        return sized(saved, False) - sized(saved, True)
+    def part(works: list[BlockWork], saved: list, shared: _Seconds | None = None) -> _Part:
+        full = saved_bytes(saved, act_bytes=act, fp8=fp8, recompute=False)
+        kept = saved_bytes(saved, act_bytes=act, fp8=fp8, recompute=True)
+        # The recomputed bytes are charged once, with the first block (they are a per-part total).
+        secs = sum((seconds(w, full - kept if i == 0 else 0.0) for i, w in enumerate(works)), _Seconds())
+        return _Part(seconds=secs, shared=shared or _Seconds(), flops=sum(w.flops for w in works), saved=full,
+                     saved_recompute=kept)
 
-    def layer(moe: bool):
+    attn = attention_block(m, seq_len=cfg.data.seq_len, act_bytes=act)
+
+    def layer(moe: bool) -> _Part:
         ffn = ffn_block(m, moe=moe, top_k=top_k, act_bytes=act)
-        saved = attn_saved + ffn_saved(m, moe=moe, top_k=top_k, gate_weight_in_expert=assume.gate_weight_in_expert)
-        secs = (block_seconds(attn, tokens=tokens, device=device, assume=assume, fp8=fp8,
-                              recomputed_bytes=dropped(attn_saved))
-                + block_seconds(ffn, tokens=tokens, device=device, assume=assume, fp8=fp8,
-                                recomputed_bytes=dropped(saved) - dropped(attn_saved)))
-        shared = _Seconds()
-        if moe and m.num_shared_experts:
-            shared_work = BlockWork(gemms=tuple(g for g in ffn.gemms if g.name.startswith("shared")))
-            shared = block_seconds(shared_work, tokens=tokens, device=device, assume=assume, fp8=fp8,
-                                   recomputed_bytes=0.0)
-        return secs, shared, attn.flops + ffn.flops, sized(saved, False), sized(saved, True)
+        saved = attention_saved(m) + ffn_saved(m, moe=moe, top_k=top_k,
+                                               gate_weight_in_expert=assume.gate_weight_in_expert)
+        shared = seconds(BlockWork(gemms=tuple(g for g in ffn.gemms if g.name.startswith("shared"))))
+        return part([attn, ffn], saved, shared)
 
     dense_layer, moe_layer = layer(False), layer(True)
+    head = part([head_block(m, act_bytes=act)], head_saved(m, keep_logits=assume.keep_logits))
+    mtp_input = part([mtp_input_block(m, act_bytes=act)], mtp_input_saved(m))
     last = len(layer_ranges) - 1
     out = []
     for c, ids in enumerate(layer_ranges):
         parts = [moe_layer if m.is_moe_layer(i) else dense_layer for i in ids]
         moe_count = sum(1 for i in ids if m.is_moe_layer(i))
-        if c == last:
-            head = head_block(m, act_bytes=act)
-            head_secs = block_seconds(head, tokens=tokens, device=device, assume=assume, fp8=fp8,
-                                      recomputed_bytes=0.0)
-            head_saves = head_saved(m, keep_logits=assume.keep_logits)
-            head_part = (head_secs, _Seconds(), head.flops, sized(head_saves, False), sized(head_saves, True))
-            mtp_in = mtp_input_block(m, act_bytes=act)
-            mtp_saves = mtp_input_saved(m)
-            mtp_in_secs = block_seconds(mtp_in, tokens=tokens, device=device, assume=assume, fp8=fp8,
-                                        recomputed_bytes=dropped(mtp_saves))
-            mtp_in_part = (mtp_in_secs, _Seconds(), mtp_in.flops, sized(mtp_saves, False), sized(mtp_saves, True))
-            parts.append(head_part)
-            for _ in range(cfg.mtp.depth):  # input projection, one MoE block, the shared head
-                parts += [mtp_in_part, moe_layer, head_part]
+        if c == last:  # the head, then each MTP module: input projection, one MoE block, the shared head
+            parts += [head] + [mtp_input, moe_layer, head] * cfg.mtp.depth
             moe_count += cfg.mtp.depth
-        secs = sum((p[0] for p in parts), _Seconds())
-        shared = sum((p[1] for p in parts), _Seconds())
-        no_rc, rc = sum(p[3] for p in parts) * tokens, sum(p[4] for p in parts) * tokens
+        secs = sum((p.seconds for p in parts), _Seconds())
+        shared = sum((p.shared for p in parts), _Seconds())
+        full, kept = sum(p.saved for p in parts) * tokens, sum(p.saved_recompute for p in parts) * tokens
         out.append(ChunkCost(
             chunk=c, layers=tuple(ids), moe_layers=moe_count, f=secs.f, b=secs.b, w=secs.w,
             a2a_f=moe_count * a2a.seconds, a2a_b=moe_count * a2a.seconds, shared_f=shared.f, shared_b=shared.b,
-            fwd_flops=sum(p[2] for p in parts) * tokens, act_bytes=rc if assume.recompute else no_rc,
-            act_bytes_no_recompute=no_rc, act_bytes_recompute=rc))
+            fwd_flops=sum(p.flops for p in parts) * tokens, act_bytes=kept if assume.recompute else full,
+            act_bytes_no_recompute=full, act_bytes_recompute=kept))
     return tuple(out)
