@@ -1,29 +1,34 @@
-"""The closed-form distinct-destination counts vs a Monte-Carlo count of real ``select_experts`` choices."""
+"""The closed-form distinct-destination counts vs a Monte-Carlo count of real ``select_experts`` choices, counted
+the way the all-to-all dispatcher deduplicates them (``raymoe.model.dispatch.plan_rows``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from raymoe.model.dispatch import plan_rows
+from raymoe.parallel.dispatcher import contiguous_placement
 from raymoe.plan.destinations import expected_destinations
 from raymoe.routing.gate import select_experts
 
 
 def _monte_carlo(*, num_experts, num_groups, groups_kept, top_k, ep, ranks_per_node, tokens=20000, seed=0):
+    """Real selections, counted by the dispatcher's own deduplication (``plan_rows``): rows per destination rank,
+    and, with the experts placed by node, rows per destination node. Tokens come from every source rank in turn."""
     gen = torch.Generator().manual_seed(seed)
     scores_TE = torch.randn(tokens, num_experts, generator=gen).sigmoid()  # balanced: i.i.d. affinities
     ids_TK, _ = select_experts(scores_TE, None, top_k=top_k, num_groups=num_groups, groups_kept=groups_kept)
-    rank_TK = ids_TK // (num_experts // ep)
     per_node = min(ranks_per_node, ep)
-    node_TK = rank_TK // per_node
-    hit_ranks = torch.zeros(tokens, ep, dtype=torch.bool).scatter_(1, rank_TK, True)
-    hit_nodes = torch.zeros(tokens, ep // per_node, dtype=torch.bool).scatter_(1, node_TK, True)
-    own_rank = torch.arange(tokens) % ep  # tokens spread evenly over the source ranks
-    remote = hit_ranks.sum(1) - hit_ranks[torch.arange(tokens), own_rank].long()
-    own_node = own_rank // per_node
-    remote_nodes = hit_nodes.sum(1) - hit_nodes[torch.arange(tokens), own_node].long()
-    return (hit_ranks.sum(1).double().mean().item(), hit_nodes.sum(1).double().mean().item(),
-            remote.double().mean().item(), remote_nodes.double().mean().item())
+    num_nodes = ep // per_node
+    by_rank, by_node = contiguous_placement(num_experts, ep), contiguous_placement(num_experts, num_nodes)
+    ranks = nodes = remote_ranks = remote_nodes = 0
+    for source, ids_NK in enumerate(ids_TK.chunk(ep)):
+        rank_counts = plan_rows(ids_NK, by_rank, ep)[2]
+        node_counts = plan_rows(ids_NK, by_node, num_nodes)[2]
+        ranks, nodes = ranks + sum(rank_counts), nodes + sum(node_counts)
+        remote_ranks += sum(rank_counts) - rank_counts[source]
+        remote_nodes += sum(node_counts) - node_counts[source // per_node]
+    return ranks / tokens, nodes / tokens, remote_ranks / tokens, remote_nodes / tokens
 
 
 SHAPES = {

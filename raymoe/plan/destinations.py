@@ -15,7 +15,8 @@ Why seeded: a group is kept because its top-(K / groups_kept) affinities are amo
 nearly always makes the final top-K; a plain "K uniform picks among the kept experts" model would predict that a
 kept group is missed with probability ~(1 - 1/M)^K (10% for DeepSeek-V3) where real selections almost never miss
 one. ``tests/test_plan_destinations.py`` checks this model against a Monte-Carlo count of ``select_experts`` on
-random affinities: within 2% on the DeepSeek-V3, V2 and smaller shapes at several ``ep``.
+random affinities, deduplicated by the all-to-all dispatcher's own ``raymoe.model.dispatch.plan_rows``: within 2%
+on the DeepSeek-V3, V2 and smaller shapes at several ``ep``.
 
 Experts are placed contiguously: rank r holds experts [r*E/ep, (r+1)*E/ep), node n holds ranks
 [n*R, (n+1)*R) with R ranks per node. Each rank (node) must lie inside one group or cover whole groups.
