@@ -4,6 +4,9 @@ python -m raymoe plan --preset 671b                       # readable tables
 python -m raymoe plan --preset 671b --json                # one JSON object
 python -m raymoe plan --preset 671b --pp 8 --dp 256 --zero 2 --schedule 1f1b
 python -m raymoe plan --preset small model.num_layers=12  # same key=value overrides as ``train``
+python -m raymoe plan --preset 671b --pp 16 --ep 64 --dp 128 --gpu h800 --tokens 14.8e12   # step time, GPU-hours
+python -m raymoe plan --published deepseek-v3             # a published run: predicted vs published GPU-hours
+python -m raymoe plan --preset small --gpu cpu            # a CPU entry measured by a GEMM probe first
 """
 
 from __future__ import annotations
@@ -41,6 +44,12 @@ from raymoe.plan import (
     "--fp32-grads", is_flag=True, help="Accumulate gradients in fp32 (the paper) instead of the param dtype."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.option("--gpu", help="Device of the step-time model: h800, h100, h200, a100, or cpu (probed here).")
+@click.option("--tokens", type=float, help="Token budget for GPU-hours (e.g. 14.8e12).")
+@click.option("--microbatches", type=int, help="Micro-batches per step [default: schedule.num_microbatches].")
+@click.option("--assume", "assumptions", multiple=True, metavar="NAME=VALUE",
+              help="Override a step-model assumption, or device.FIELD=VALUE a device-table field (repeatable).")
+@click.option("--published", help="Plan a published run (deepseek-v3, deepseek-v2) with its published layout.")
 @click.option(
     "--cluster",
     "cluster_file",
@@ -58,12 +67,32 @@ def plan(
     schedule: str | None,
     fp32_grads: bool,
     as_json: bool,
+    gpu: str | None,
+    tokens: float | None,
+    microbatches: int | None,
+    assumptions: tuple[str, ...],
+    published: str | None,
     cluster_file: str | None,
     overrides: tuple[str, ...],
 ) -> None:
-    """Count parameters (total, active per token, MTP) and bytes per device for a parallel layout."""
+    """Count parameters and bytes per device for a parallel layout; with --gpu also activations, step time,
+    tokens/s, MFU and GPU-hours from the schedule simulator."""
     from raymoe.config import load_config
 
+    run = None
+    if published is not None:
+        from raymoe.plan.published import published_run
+
+        try:
+            run = published_run(published)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from exc
+        preset, overrides = run.preset, (*run.overrides, *overrides)
+        pp, ep, dp, zero_stage, schedule = (pp or run.pp, ep or run.ep, dp or run.dp,
+                                            run.zero_stage if zero_stage is None else zero_stage,
+                                            schedule or run.schedule)
+        gpu, tokens, microbatches = gpu or run.gpu, tokens or run.tokens, microbatches or run.num_microbatches
+        assumptions = (*(f"{k}={v}" for k, v in run.assume.items()), *assumptions)
     try:
         cfg = load_config(preset, list(overrides), config_file)
         par = cfg.parallel
@@ -78,25 +107,103 @@ def plan(
             stage_layers=tuple(par.stage_layers) if layout_pp == par.pp and schedule is None else (),
         )
         params = count_params(cfg.model, top_k=cfg.routing.top_k, mtp_depth=cfg.mtp.depth)
-        bytes_per = BytesPerElement.from_precision(cfg.precision, fp32_grads=fp32_grads)
+        if fp32_grads:  # one switch for the memory table and the step model
+            assumptions = (*assumptions, "fp32_grads=true")
+        step_assume = _assumptions(assumptions)
+        bytes_per = BytesPerElement.from_precision(cfg.precision, fp32_grads=step_assume.fp32_grads)
         memory = plan_memory(params, layout, bytes_per, num_routed_experts=cfg.model.num_routed_experts)
         fit = None if cluster_file is None else _cluster_fit(cluster_file, cfg, layout)
+        step = None if gpu is None else _plan_step(cfg, layout, gpu, microbatches, assumptions)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     report = plan_report(params, memory)
+    if step is not None:
+        from raymoe.plan.step_report import step_report
+
+        report["step"] = step_report(step, tokens=tokens)
+        if run is not None:
+            report["published"] = _published_comparison(run, step)
     if fit is not None:
         report["cluster"] = fit
+        if step is not None:
+            report["cluster"]["run"] = _cluster_run(fit, step, tokens)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
-        click.echo(format_report(params, memory, title=config_file or preset))
+        click.echo(format_report(params, memory, title=published or config_file or preset))
+        if step is not None:
+            from raymoe.plan.step_report import format_step
+
+            click.echo("")
+            click.echo(format_step(step, tokens=tokens))
+            if run is not None:
+                c = report["published"]
+                click.echo(f"published ({run.name}): {c['published_gpu_hours_per_trillion'] / 1e3:,.1f}K GPU-hours "
+                           f"per trillion tokens; predicted {c['predicted_gpu_hours_per_trillion'] / 1e3:,.1f}K "
+                           f"({c['predicted_over_published']:.3f}x)")
+                click.echo(f"  as published: {run.published}")
+                click.echo(f"  chosen by us: {run.chosen}")
         if fit is not None:
             from raymoe.cluster import format_fit_report
 
             click.echo("")
             click.echo(format_fit_report(fit))
+            if step is not None:
+                r = report["cluster"]["run"]
+                hours = "" if r["wall_hours"] is None else (
+                    f", {r['wall_hours']:,.1f} hours for {tokens:.4g} tokens ({r['node_hours']:,.0f} node-hours)")
+                click.echo(f"run: {r['nodes']} worker node(s) ({r['nodes_by_type']}){hours}")
     if fit is not None and not fit["fits"]:
         raise SystemExit(1)
+
+
+def _assumptions(assumptions: tuple[str, ...]):
+    from raymoe.plan.assumptions import Assumptions, split_overrides
+
+    return Assumptions().with_overrides(split_overrides(assumptions)[0])
+
+
+def _plan_step(cfg, layout: Layout, gpu: str, microbatches: int | None, assumptions: tuple[str, ...]):
+    from raymoe.plan.assumptions import split_overrides
+    from raymoe.plan.devices import device_spec
+    from raymoe.plan.step import plan_step
+
+    device_overrides = split_overrides(assumptions)[1]
+    if gpu.strip().lower() == "cpu":
+        from raymoe.bench.plan_calibration import probe_cpu_device
+
+        device = probe_cpu_device()
+    else:
+        device = device_spec(gpu)
+    device = device.with_overrides(device_overrides)
+    return plan_step(cfg, layout, device=device, assume=_assumptions(assumptions), num_microbatches=microbatches)
+
+
+def _published_comparison(run, step) -> dict:
+    predicted = step.gpu_hours(1e12)
+    return {"name": run.name, "published_gpu_hours_per_trillion": run.gpu_hours_per_trillion,
+            "predicted_gpu_hours_per_trillion": predicted,
+            "predicted_over_published": predicted / run.gpu_hours_per_trillion,
+            "published_total_gpu_hours": run.gpu_hours_per_trillion * run.tokens / 1e12,
+            "predicted_total_gpu_hours": step.gpu_hours(run.tokens),
+            "as_published": run.published, "chosen": run.chosen}
+
+
+def _cluster_run(fit: dict, step, tokens: float | None) -> dict:
+    """Worker nodes the placement occupies, and hours (and node-hours) for the token budget."""
+    import math
+
+    by_type = {}
+    for t in fit["node_types"]:
+        bundles = fit["bundles_per_node_type"].get(t["name"], 0)
+        if bundles:
+            per_node = min(math.floor(t["resources"].get(k, 0.0) / v + 1e-9)
+                           for k, v in fit["bundle"].items() if v > 0)
+            by_type[t["name"]] = math.ceil(bundles / per_node)
+    nodes = sum(by_type.values())
+    wall = None if tokens is None else step.wall_hours(tokens)
+    return {"nodes": nodes, "nodes_by_type": by_type, "wall_hours": wall,
+            "node_hours": None if wall is None else wall * nodes}
 
 
 def _cluster_fit(cluster_file: str, cfg, layout: Layout) -> dict:
