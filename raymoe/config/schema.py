@@ -19,6 +19,12 @@ DEVICES = ("cpu", "cuda")
 MAX_INT = 2**63 - 1
 """Every integer field fits int64: torch and numpy index, seed and count with it, and a larger value would fail
 deep inside them (``torch.empty`` overflows) instead of here."""
+MAX_LAYERS = 10_000
+"""Transformer layers (DeepSeek-V3: 61). The planner, the stage plan and the router slots loop over layers, so a
+count like 10**12 would hang the checks that should refuse it; anything that large could never be built anyway."""
+MAX_MTP_DEPTH = 64
+MAX_MICROBATCHES = 16_384
+"""Schedules are generated as explicit action lists (about 2 x pp x microbatches actions)."""
 MAX_TIMEOUT_S = 2.0**31
 """Timeouts beyond ~68 years overflow the timers Ray and threading use; 0 already means "no limit"."""
 
@@ -76,6 +82,12 @@ def _non_negative(owner: str, **values: float) -> None:
     for name, value in values.items():
         if value < 0:
             raise ValueError(f"{owner}.{name} must be >= 0, got {value}")
+
+
+def _at_most(owner: str, **values: tuple[int, int]) -> None:
+    for name, (value, limit) in values.items():
+        if value > limit:
+            raise ValueError(f"{owner}.{name} must be <= {limit:,}, got {value:,}")
 
 
 def _one_of(owner: str, name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -136,6 +148,7 @@ class ModelConfig:
             num_shared_experts=self.num_shared_experts,
             q_lora_rank=self.q_lora_rank,
         )
+        _at_most("model", num_layers=(self.num_layers, MAX_LAYERS))
         if self.num_dense_layers > self.num_layers:
             raise ValueError(
                 f"model.num_dense_layers ({self.num_dense_layers}) exceeds model.num_layers ({self.num_layers})"
@@ -203,6 +216,7 @@ class MtpConfig:
     def __post_init__(self) -> None:
         _check_numbers(self, "mtp")
         _non_negative("mtp", depth=self.depth, loss_weight=self.loss_weight, late_loss_weight=self.late_loss_weight)
+        _at_most("mtp", depth=(self.depth, MAX_MTP_DEPTH))
         if self.late_after_tokens < -1:
             raise ValueError(f"mtp.late_after_tokens must be -1 or >= 0, got {self.late_after_tokens}")
 
@@ -271,6 +285,7 @@ class ScheduleConfig:
         _check_numbers(self, "schedule")
         _one_of("schedule", "name", self.name, SCHEDULES)
         _positive("schedule", num_microbatches=self.num_microbatches)
+        _at_most("schedule", num_microbatches=(self.num_microbatches, MAX_MICROBATCHES))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,7 +25,7 @@ from raymoe.checkpoint import Layout
 from raymoe.checkpoint.compat import check_steps
 from raymoe.checkpoint.run_state import read_run_state
 from raymoe.config import Config
-from raymoe.runtime.driver import Driver, DriverState, FailFast, RestartFromCheckpoint
+from raymoe.runtime.driver import Driver, DriverState, FailFast, RestartFromCheckpoint, validate_layout
 from raymoe.train.metrics import check_finite
 from raymoe.train.preflight import preflight
 from raymoe.train.run_dir import RunDir
@@ -123,12 +123,13 @@ def train_ray(
     from raymoe.train.stop import StopRequests
 
     out_dir = out_dir or config.run.out_dir
-    policy = RestartFromCheckpoint(config.run.max_failures) if config.run.max_failures else FailFast()
-    driver = Driver(config, failure_policy=policy)  # validates the layout before Ray is even started
+    validate_layout(config)  # pure: the layout is refused before anything else is looked at
     target, source = effective_address(config.run.ray_address)
     preflight(config, out_dir, engine="ray", fresh=resume is None, overwrite=overwrite,
               workers_on_this_machine=not target and not ray.is_initialized())
     check_address(target, source)
+    policy = RestartFromCheckpoint(config.run.max_failures) if config.run.max_failures else FailFast()
+    driver = Driver(config, failure_policy=policy)  # allocates routing state: only after the memory check
     manifest = consolidated = None
     if resume is not None:  # so is the checkpoint: readable, same model and layout, steps left to train
         manifest, _ = read_run_state(Path(resume), config, Layout.of(config),

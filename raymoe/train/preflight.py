@@ -81,7 +81,8 @@ def estimate_memory(config: Config, *, engine: str) -> MemoryEstimate:
     # state per layer; the global batch of int64 token ids (the driver holds all of it).
     activations = tokens * 4 * (2 * m.vocab_size * (1 + depth) + m.num_layers * m.dim)
     batch = config.data.batch_size * (config.data.seq_len + 1 + depth) * 8
-    return MemoryEstimate(per_worker_bytes=peak.total_bytes + activations + batch, state_bytes=peak.total_bytes,
+    return MemoryEstimate(per_worker_bytes=peak.total_bytes + activations + batch,
+                          state_bytes=peak.total_bytes,
                           activation_bytes=activations, num_workers=num_workers)
 
 
