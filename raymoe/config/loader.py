@@ -57,14 +57,15 @@ def load_config(
     bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
     if bad:
         raise ValueError(f"overrides must look like key=value, got {bad}")
-    for override in overrides:
+    for override in overrides:  # one by one: merged, a later `run.out_dir=x` would hide an earlier `run=1`
         try:
-            OmegaConf.from_dotlist([override])
+            single = OmegaConf.from_dotlist([override])
         except Exception as exc:  # omegaconf's or YAML's parser, e.g. an unbalanced bracket in a value
             key, value = override.split("=", 1)
             raise ValueError(f"{key}: cannot parse the value {value!r}: {_first_line(exc)}") from exc
+        check_types(OmegaConf.to_container(single))
     layers.append(OmegaConf.from_dotlist(list(overrides)))
-    for layer in layers:
+    for layer in layers[:-1]:
         check_types(OmegaConf.to_container(layer))
     try:
         merged = OmegaConf.merge(base, *layers)

@@ -95,18 +95,16 @@ def check_memory(config: Config, *, engine: str, workers_on_this_machine: bool =
     """Refuse a run whose workers cannot fit: all of them in this machine's memory (when they all run here), and
     each in one GPU's memory (``parallel.device=cuda`` where CUDA is visible here)."""
     estimate = estimate_memory(config, engine=engine)
-    need = estimate.per_worker_bytes * (estimate.num_workers if workers_on_this_machine else 1)
+    workers = estimate.num_workers if workers_on_this_machine else 1
+    need = estimate.per_worker_bytes * workers
     have = machine_memory_bytes() if available_bytes is None else available_bytes
-    m = config.model
-    what = (f"model.vocab_size={m.vocab_size}, model.dim={m.dim}, model.num_layers={m.num_layers}, "
-            f"model.num_routed_experts={m.num_routed_experts}, model.moe_inter_dim={m.moe_inter_dim}, "
-            f"model.kv_lora_rank={m.kv_lora_rank}")
+    what = _sizes(config)
     if need > have:
         raise ValueError(
             f"the model does not fit: {what} need at least {_gib(estimate.per_worker_bytes)} per worker "
             f"({_gib(estimate.state_bytes)} parameters + gradients + optimizer state, planner estimate, + "
-            f"{_gib(estimate.activation_bytes)} activations) x {estimate.num_workers if workers_on_this_machine else 1}"
-            f" worker(s) = {_gib(need)}, but this machine has {_gib(have)}; `raymoe plan` shows the breakdown")
+            f"{_gib(estimate.activation_bytes)} activations) x {workers} worker(s) = {_gib(need)}, but this machine "
+            f"has {_gib(have)}; `raymoe plan` shows the breakdown")
     if config.parallel.device == "cuda":
         import torch
 
@@ -116,6 +114,15 @@ def check_memory(config: Config, *, engine: str, workers_on_this_machine: bool =
                 raise ValueError(f"the model does not fit one GPU: {what} need at least "
                                  f"{_gib(estimate.per_worker_bytes)} per worker, each GPU has {_gib(gpu)}")
     return estimate
+
+
+def _sizes(config: Config) -> str:
+    """Every setting the estimate grows with, so that whichever one is too large is named."""
+    import dataclasses
+
+    m = config.model
+    sizes = [f"model.{f.name}={getattr(m, f.name)}" for f in dataclasses.fields(m) if f.type == "int"]
+    return ", ".join([*sizes, f"data.batch_size={config.data.batch_size}", f"data.seq_len={config.data.seq_len}"])
 
 
 def _gib(num_bytes: int) -> str:

@@ -17,7 +17,6 @@ from pathlib import Path
 from raymoe.checkpoint.files import write_text_atomic
 from raymoe.config import Config, to_yaml
 
-
 RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.superseded.jsonl", "metrics.parquet", "loss.png",
              "actions.jsonl", "events.jsonl", "checkpoints", "report")
 """What a run writes into its directory (``raymoe report`` adds ``report/``); ``checkpoints.earlier-N`` too."""
