@@ -8,4 +8,5 @@ plots, and returns a summary dict with a ``markdown`` entry (a table for the REA
 BENCHMARKS = {
     "fp8_training": "raymoe.bench.fp8_training",
     "runtime_schedules": "raymoe.bench.runtime_schedules",
+    "expert_parallel": "raymoe.bench.expert_parallel",
 }

@@ -234,6 +234,8 @@ class PrecisionConfig:
     """Run the GEMMs DeepSeek-V3 runs in FP8 (1x128 activation tiles, 128x128 weight blocks, E4M3)."""
     fp8_backend: str = "auto"
     fp8_power_of_two_scales: bool = False
+    fp8_dispatch: bool = False
+    """Expert parallelism: send tokens to their experts as E4M3 + 1x128 scales (the combine stays high precision)."""
     fp8_promotion_interval: int = 0
     """Emulate tensor-core limited-precision accumulation promoted to FP32 every N_C elements; 0 = exact FP32."""
     bf16_optimizer_states: bool = False
@@ -261,10 +263,15 @@ class ParallelConfig:
     device: str = "cpu"
     stage_layers: list[int] = field(default_factory=list)
     """Transformer layers per pipeline stage (uneven splits allowed); empty = as even as possible."""
+    cpus_per_worker: float = 1.0
+    """Ray CPUs each worker actor reserves; below 1 packs more workers than cores onto a machine (a laptop running
+    a pp x dp layout wider than its cores: correct, not fast)."""
 
     def __post_init__(self) -> None:
         _check_numbers(self, "parallel")
         _positive("parallel", pp=self.pp, ep=self.ep, dp=self.dp)
+        if not (isinstance(self.cpus_per_worker, (int, float)) and 0 < self.cpus_per_worker <= 1024):
+            raise ValueError(f"parallel.cpus_per_worker must be in (0, 1024], got {self.cpus_per_worker}")
         _one_of("parallel", "device", self.device, DEVICES)
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"parallel.zero_stage must be 0, 1 or 2, got {self.zero_stage}")

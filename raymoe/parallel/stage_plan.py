@@ -9,9 +9,11 @@ therefore holds the embedding too. Where the first and last chunks live on the s
 rank 0 and pp-1, DualPipeV's rank 0) they share one embedding module; elsewhere the last rank holds a tied copy
 whose gradient the runtime sums with the first rank's (the "embedding group", as in Megatron).
 
-Every worker builds the *full* model from the run seed (identical weights in every process, and in the
-single-process reference) and keeps the chunks its rank holds: ``PipelineStage`` takes the very modules of the
-full model, so its parameter names (``layers.3.attn.wo.weight``, ``embed.weight``, ...) are the reference's.
+A worker builds the model's *shapes* on ``meta`` (with only its own routed experts), keeps the chunks its rank
+holds (``PipelineStage`` takes the very modules, so its parameter names -- ``layers.3.attn.wo.weight``,
+``embed.weight``, ``layers.4.ffn.experts.9.w1.weight`` -- are the reference's), and materialises just those
+(``build_stage``): every parameter is initialised from its own name-seeded stream (``raymoe.model.build``), so the
+stage starts bit-identical to the same tensors of the single-process reference.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from raymoe.config import Config
 from raymoe.model import RouterStats, Transformer, output_losses
-from raymoe.model.moe import Gate
+from raymoe.model.build import convert_for_precision, materialize
+from raymoe.model.moe import Gate, MoE
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,6 +168,21 @@ class PipelineStage(nn.Module):
 
     def gates(self) -> list[Gate]:
         return [m for m in self.modules() if isinstance(m, Gate)]
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+
+def build_stage(config: Config, plan: StagePlan, chunks: Iterable[int], *, device: str | torch.device = "cpu",
+                expert_ids: Sequence[int] | None = None) -> PipelineStage:
+    """The stage of ``chunks`` with routed experts ``expert_ids`` (default all), materialised on ``device`` and
+    nothing else: the rest of the model exists only as ``meta`` shapes and is dropped."""
+    with torch.device("meta"):
+        model = Transformer(config.model, config.routing, config.mtp, expert_ids=expert_ids)
+    stage = PipelineStage(model, plan, chunks)
+    if torch.device(device).type != "meta":
+        materialize(stage, device=device, std=config.model.init_std, run_seed=config.run.seed)
+    return convert_for_precision(stage, config)
 
 
 @dataclass(frozen=True, kw_only=True)

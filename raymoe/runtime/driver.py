@@ -32,6 +32,7 @@ from raymoe.checkpoint import CheckpointStore, Layout, Manifest
 from raymoe.checkpoint.run_state import RunState, build_manifest, read_run_state
 from raymoe.config import Config
 from raymoe.model import router_slots
+from raymoe.parallel.dispatcher import contiguous_placement
 from raymoe.parallel.stage_plan import StagePlan, plan_stages
 from raymoe.parallel.topology import Topology
 from raymoe.routing import update_bias
@@ -98,11 +99,9 @@ class RestartFromCheckpoint:
 def validate_layout(config: Config) -> tuple[Schedule, StagePlan]:
     """Everything about a layout that can be refused without a cluster; ValueError names the values."""
     p = config.parallel
-    if p.ep != 1:
-        raise ValueError(
-            f"parallel.ep={p.ep}: expert parallelism is not available in this runtime yet; use parallel.ep=1 "
-            f"(experts are then replicated like dense layers, data-parallel over parallel.dp={p.dp})"
-        )
+    if p.ep > 1 and p.zero_stage == 2:
+        raise ValueError(f"parallel.zero_stage=2 with parallel.ep={p.ep}: ZeRO-2 does not partition expert shards "
+                         f"yet; use parallel.zero_stage=1 (the paper's choice) or 0")
     schedule = build_schedule(config.schedule.name, p.pp, config.schedule.num_microbatches)
     if p.zero_stage == 2 and p.pp > 1:
         _check_zero2_with_pipeline(config, schedule.placement.family)
@@ -180,6 +179,8 @@ class Driver:
             check_export(config.run.init_from, config)
             self.routing_bias_RE = read_tensors(config.run.init_from, [BIAS])[BIAS].float()
         self._initial_bias_RE = self.routing_bias_RE.clone()
+        # Expert placement is routing state too: owned here, sent to the workers, saved in checkpoints.
+        self.expert_placement = contiguous_placement(config.model.num_routed_experts, p.ep)
         self.load_info: list[LoadInfo] = []
         self._needed = self._microbatches_per_pipeline_rank()
 
@@ -214,11 +215,15 @@ class Driver:
     def _start_workers(self) -> None:
         if self.worker_group is None:
             self.worker_group = WorkerGroup(
-                self.topology, device=self.config.parallel.device, timeout_s=self.timeout_s
+                self.topology, device=self.config.parallel.device, timeout_s=self.timeout_s,
+                num_cpus_per_worker=self.config.parallel.cpus_per_worker,
             ).start()
         placement = self.schedule.placement
+        nodes = self.worker_group.execute("node_id")
+        self.node_of_rank = tuple(sorted(set(nodes)).index(n) for n in nodes)
         args = [
-            (self.key, self.config, placement, self.schedule.actions[self.topology.coord(r).pp_rank])
+            (self.key, self.config, placement, self.schedule.actions[self.topology.coord(r).pp_rank],
+             self.expert_placement, self.node_of_rank)
             for r in range(self.topology.world_size)
         ]
         self.load_info = self.worker_group.execute_each("load", args)
@@ -274,7 +279,8 @@ class Driver:
             staging = store.begin(self.step_index)
             entries = self.worker_group.execute("save_checkpoint_shard", self.key, str(staging))
             state = RunState(step=self.step_index, tokens_seen=self.tokens_seen,
-                             cursor=self.batches.cursor.to_dict(), bias_RE=self.routing_bias_RE)
+                             cursor=self.batches.cursor.to_dict(), bias_RE=self.routing_bias_RE,
+                             expert_placement=tuple(self.expert_placement.tolist()) if self.topology.ep > 1 else ())
             manifest = build_manifest(self.config, state, Layout.of(self.config), entries)
             path = store.commit(staging, manifest)
         except BaseException as exc:
@@ -315,6 +321,9 @@ class Driver:
                                f"step {self.step_index})")
         manifest, state = read_run_state(checkpoint, self.config, Layout.of(self.config),
                                          num_routers=self.routing_bias_RE.shape[0], reshard=reshard)
+        if not reshard and state.expert_placement and list(state.expert_placement) != self.expert_placement.tolist():
+            raise ValueError(f"{checkpoint}: saved with expert placement {list(state.expert_placement)}, the workers "
+                             f"hold {self.expert_placement.tolist()}")
         try:
             if reshard:
                 self._load_resharded(checkpoint, consolidated)
@@ -444,6 +453,27 @@ class Driver:
                 "optimizer_s_max": max(r.optimizer_s for r in results),
                 "optimizer_state_bytes_per_rank": [r.optimizer_state_bytes for r in results],
                 "peak_live_activations_per_rank": [r.peak_live_activations for r in results],
+                **(dispatch_metrics(results, self.topology) if self.topology.ep > 1 else {}),
             },
         ).to_dict()
+
+
+def dispatch_metrics(results: list[StepResult], topology: Topology) -> dict:
+    """The step's expert all-to-all, summed over workers: bytes sent (naive one-copy-per-expert, deduplicated,
+    measured same-node / cross-node), the slowest rank's seconds in it, and the rows each ep rank received."""
+    total = {k: sum(r.dispatch.get(k, 0) for r in results) for k in
+             ("naive_bytes", "dedup_bytes", "measured_same_node_bytes", "measured_cross_node_bytes")}
+    received = [r.dispatch.get("rows_received", 0) for r in results]
+    mean = sum(received) / len(received)
+    return {
+        "a2a_naive_bytes": total["naive_bytes"],
+        "a2a_dedup_bytes": total["dedup_bytes"],
+        "a2a_measured_same_node_bytes": total["measured_same_node_bytes"],
+        "a2a_measured_cross_node_bytes": total["measured_cross_node_bytes"],
+        "a2a_seconds_max": max(r.dispatch.get("seconds", 0.0) for r in results),
+        "a2a_rows_received_max": max(received),
+        "a2a_rows_received_mean": mean,
+        "a2a_peak_rows_received": max(r.dispatch.get("peak_rows_received", 0) for r in results),
+        "ep": topology.ep,
+    }
 

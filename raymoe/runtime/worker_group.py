@@ -59,8 +59,11 @@ class WorkerGroup:
         num_cpus_per_worker: float = 1,
         strategy: str = "PACK",
         timeout_s: float = 300.0,
+        name_suffix: str = "",
     ) -> None:
+        """``name_suffix`` tells apart the actors of groups of one job that live side by side (benchmarks)."""
         self.topology = topology
+        self.name_suffix = name_suffix
         self.device = device
         self.num_cpus_per_worker = num_cpus_per_worker
         self.strategy = strategy
@@ -102,10 +105,10 @@ class WorkerGroup:
         remote_worker = ray.remote(Worker)
         t1 = time.perf_counter()
         for rank in range(self.topology.world_size):
-            self._wait_name_free(self.topology.actor_name(rank))
+            self._wait_name_free(self._name(rank))
             self.actors.append(
                 remote_worker.options(
-                    name=self.topology.actor_name(rank),
+                    name=self._name(rank),
                     num_cpus=self.num_cpus_per_worker,
                     num_gpus=1 if self.device == "cuda" else 0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -140,11 +143,14 @@ class WorkerGroup:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         for rank in range(len(self.actors)):
-            self._wait_name_free(self.topology.actor_name(rank))
+            self._wait_name_free(self._name(rank))
         self.actors = []
         if self.placement_group is not None:
             remove_placement_group(self.placement_group)
             self.placement_group = None
+
+    def _name(self, rank: int) -> str:
+        return self.topology.actor_name(rank) + self.name_suffix
 
     @staticmethod
     def _wait_name_free(name: str, timeout_s: float = 30.0) -> None:
