@@ -180,3 +180,18 @@ def test_too_many_workers_for_the_cluster_are_refused_before_the_run_directory(r
     with pytest.raises(ValueError, match=r"pp=4 x dp=4 = 16 workers need 16 CPUs .* the Ray cluster has 8"):
         train_ray(config, out_dir=str(tmp_path / "r"), progress=False)
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.gpu
+def test_cuda_with_the_local_engine_trains_on_cuda(tmp_path):
+    import math
+
+    import torch
+
+    from raymoe.train import train_local
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    records = train_local(load_config("debug", ["run.steps=2", "parallel.device=cuda"]),
+                          out_dir=str(tmp_path / "r"), progress=False)
+    assert [r["step"] for r in records] == [0, 1] and all(math.isfinite(r["loss"]) for r in records)

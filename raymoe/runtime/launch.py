@@ -98,7 +98,8 @@ def check_cluster(config: Config, topology) -> None:
     from raymoe.runtime.worker_group import check_resources
     from raymoe.train.preflight import estimate_memory
 
-    check_resources(topology, device=config.parallel.device, num_cpus_per_worker=1, cluster=ray.cluster_resources())
+    check_resources(topology, device=config.parallel.device, num_cpus_per_worker=config.parallel.cpus_per_worker,
+                    cluster=ray.cluster_resources())
     nodes = [n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")]
     need = estimate_memory(config, engine="ray").per_worker_bytes
     if nodes and need > max(nodes):
