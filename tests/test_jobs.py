@@ -7,6 +7,7 @@ is polled from the job REST API the CLI itself uses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 SMOKE = "jobs/configs/cpu_smoke.yaml"
 
 
-@pytest.fixture(scope="module")
+@contextlib.contextmanager
 def another_ray():
     """Another local Ray instance, started first with Ray's default ports (its dashboard agent holds 52365), as
     on a machine shared with other people: with it, our head's job submission used to fail (issue 21)."""
@@ -48,12 +49,15 @@ def another_ray():
 
 
 @pytest.fixture(scope="module")
-def head(another_ray):
-    local = LocalHead(num_cpus=4, dashboard=True)
-    try:
-        yield local.start()
-    finally:
-        local.stop()
+def head():
+    """Our private head, started while another local Ray instance runs (``another_ray`` is a context manager, not
+    a fixture, so that modules importing ``head`` from here need nothing else)."""
+    with another_ray():
+        local = LocalHead(num_cpus=4, dashboard=True)
+        try:
+            yield local.start()
+        finally:
+            local.stop()
 
 
 def ray_job(head: LocalHead, command: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
