@@ -195,3 +195,19 @@ def test_cuda_with_the_local_engine_trains_on_cuda(tmp_path):
     records = train_local(load_config("debug", ["run.steps=2", "parallel.device=cuda"]),
                           out_dir=str(tmp_path / "r"), progress=False)
     assert [r["step"] for r in records] == [0, 1] and all(math.isfinite(r["loss"]) for r in records)
+
+
+def test_a_local_ray_keeps_its_dashboard_on_loopback_and_a_joined_one_passes_nothing_local(monkeypatch):
+    import ray
+
+    from raymoe.runtime import launch
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert launch.init_ray("", num_cpus=3)
+    assert calls[-1]["dashboard_host"] == "127.0.0.1" and calls[-1]["num_cpus"] == 3
+    monkeypatch.setattr(launch, "check_address", lambda *a, **k: None)  # no head needed for the argument check
+    launch.init_ray("auto")
+    assert calls[-1] == {"address": "auto", "log_to_driver": True}

@@ -83,8 +83,12 @@ def init_ray(address: str = "", *, num_cpus: int | None = None) -> bool:
     target, source = effective_address(address)
     check_address(target, source)
     joining = bool(target)
+    # A local Ray: the dashboard (the only listener Ray 2.60 lets one bind to an interface) stays on loopback
+    # whatever RAY_DASHBOARD_HOST-style settings say; the gRPC servers listen on all interfaces regardless
+    # (README, "Ports"), guarded by Ray's token authentication.
+    local = {} if joining else {"num_cpus": num_cpus, "dashboard_host": "127.0.0.1"}
     try:
-        ray.init(address=address or None, log_to_driver=True, num_cpus=None if joining else num_cpus)
+        ray.init(address=address or None, log_to_driver=True, **local)
     except ConnectionError as exc:  # 'auto' with no cluster running, a head that went away
         raise ValueError(f"{source}={target!r}: could not connect to Ray: {str(exc).splitlines()[0]}") from None
     return True
