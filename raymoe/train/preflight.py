@@ -153,6 +153,6 @@ def check_data(config: Config) -> None:
 
     try:
         open_batches(config)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # OSError: e.g. a shard we may not read
         where = f"data.path={config.data.path!r}" if config.data.path else "the embedded corpus"
         raise ValueError(f"{where}: {exc}") from exc
