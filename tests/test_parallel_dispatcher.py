@@ -78,7 +78,7 @@ def test_identity_round_trip_through_the_local_twin_is_exact():
 
 
 # -- the gloo all-to-all against one device -----------------------------------------------------------------------
-def _ep_vs_reference(rank: int, world: int, imbalance: bool, identity: bool):
+def _ep_vs_reference(rank: int, world: int, imbalance: bool, identity: bool, fp8: bool = False):
     import torch.distributed as dist
 
     from raymoe.parallel.dispatcher import AllToAllDispatcher, contiguous_placement, experts_of, install_dispatcher
@@ -87,8 +87,9 @@ def _ep_vs_reference(rank: int, world: int, imbalance: bool, identity: bool):
     num_experts = cfg.model.num_routed_experts
     placement = contiguous_placement(num_experts, world)
     reference, shard = _moe(cfg), _moe(cfg, expert_ids=experts_of(placement, rank))
-    dispatcher = AllToAllDispatcher(group=dist.group.WORLD, rank_of_expert_E=placement)
+    dispatcher = AllToAllDispatcher(group=dist.group.WORLD, rank_of_expert_E=placement, fp8=fp8)
     install_dispatcher(shard, dispatcher)
+    reference.dispatcher = LocalDispatcher(fp8=fp8)
     if imbalance:  # every token of every rank picks the same top-k experts, all on rank 0
         for m in (reference, shard):
             m.gate.bias[: cfg.routing.top_k] = 100.0
@@ -135,9 +136,43 @@ def test_all_to_all_matches_one_device_on_outputs_and_every_gradient(world, imba
         assert all(r["stats"]["peak_rows_received"] == 0 for r in results[1:])
 
 
+def test_fp8_dispatch_matches_its_local_twin():
+    """precision.fp8_dispatch: E4M3 + 1x128 scales on the wire; the one-rank twin rounds each token the same way,
+    so the distributed layer still matches it on outputs and every gradient (and differs from fp32 dispatch)."""
+    fp8 = run_gloo(2, _ep_vs_reference, False, False, True)
+    for rank, r in enumerate(fp8):
+        y, y_ref = r["y"]
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+        for name, (g, g_ref) in r["grads"].items():
+            torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {name}")
+    plain = run_gloo(2, _ep_vs_reference, False, False, False)
+    assert not torch.equal(fp8[0]["y"][0], plain[0]["y"][0])  # the rounding is real
+
+
 def test_identity_experts_return_the_input_exactly_through_the_all_to_all():
     # experts are identities and the weights are normalised (sigmoid gate, top-k): y = sum_k w_k x = x up to the
     # rounding of the weights' sum; the round trip itself adds nothing, so it matches the one-device result bitwise
     for r in run_gloo(2, _ep_vs_reference, False, True):
         y, y_ref = r["y"]
         torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+
+
+def _mismatched_layers(rank: int, world: int):
+    import torch.distributed as dist
+
+    from raymoe.parallel.dispatcher import AllToAllDispatcher, contiguous_placement
+
+    dispatcher = AllToAllDispatcher(group=dist.group.WORLD, rank_of_expert_E=contiguous_placement(8, world))
+    x = torch.randn(4, 16)
+    ids = torch.tensor([[0, 5]] * 4)
+    try:  # rank 1 thinks it is at another MoE layer: the header exchange catches it before any data moves
+        dispatcher.dispatch(x, ids, torch.full((4, 2), 0.5), layer=3 if rank == 0 else 4)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_ranks_at_different_layers_get_an_error_naming_both_not_a_hang():
+    messages = run_gloo(2, _mismatched_layers, timeout_s=60)
+    assert "MoE layer (router slot) 3" in messages[0] and "peer rank 1 is at router slot 4" in messages[0]
+    assert "MoE layer (router slot) 4" in messages[1] and "peer rank 0 is at router slot 3" in messages[1]

@@ -45,13 +45,12 @@ def _config(ep: int, steps: int):
 
 
 def measure_throughput(steps: int) -> dict:
-    import ray
-
     from raymoe.parallel.topology import Topology
     from raymoe.runtime.driver import Driver
+    from raymoe.runtime.session import cluster_cpus
     from raymoe.runtime.worker_group import WorkerGroup
 
-    cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / (DP * len(EPS)))
+    cpus = min(1.0, cluster_cpus() / (DP * len(EPS)))
     groups, drivers = {}, {}
     try:
         for ep in EPS:
@@ -176,16 +175,10 @@ def markdown(results: dict) -> str:
 
 
 def run(out_dir: Path, *, quick: bool = False) -> dict:
-    import ray
+    from raymoe.runtime.session import ray_session
 
-    from raymoe.runtime.launch import init_ray
-
-    started = init_ray(num_cpus=DP * len(EPS))
-    try:
+    with ray_session(num_cpus=DP * len(EPS)):
         throughput = measure_throughput(QUICK_STEPS if quick else STEPS)
-    finally:
-        if started:
-            ray.shutdown()
     repeats = QUICK_REPEATS if quick else REPEATS
     exchange = measure_exchange(2, repeats) + measure_exchange(4, repeats)
     results = {"preset": PRESET, "quick": quick, "machine": machine_load(), "throughput": throughput,

@@ -45,21 +45,16 @@ def parity(preset, pp, dp, ep, schedule_name, microbatches, zero_stage, steps, a
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
 
-    import ray
-
-    from raymoe.runtime.launch import init_ray
     from raymoe.runtime.parity import run_parity
+    from raymoe.runtime.session import ray_session
 
     # A local Ray gets a logical CPU per worker: parity checks arithmetic, not speed, so oversubscribing is fine.
     workers = config.parallel.pp * config.parallel.dp
-    started = init_ray(address or config.run.ray_address, num_cpus=max(os.cpu_count() or 1, workers))
     try:
-        report = run_parity(config, steps=steps)
+        with ray_session(address or config.run.ray_address, num_cpus=max(os.cpu_count() or 1, workers)):
+            report = run_parity(config, steps=steps)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
-    finally:
-        if started:
-            ray.shutdown()
     data = report.to_dict()
     if as_json:
         click.echo(json.dumps(data))

@@ -275,8 +275,9 @@ class ParallelConfig:
         _one_of("parallel", "device", self.device, DEVICES)
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"parallel.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
-        if self.dp % self.ep:
-            raise ValueError(f"parallel.dp ({self.dp}) must be divisible by parallel.ep ({self.ep})")
+        from raymoe.schedule.layout_rules import check_ep_divides_dp
+
+        check_ep_divides_dp(self.ep, self.dp, prefix="parallel.")
 
     @property
     def world_size(self) -> int:
@@ -287,6 +288,10 @@ class ParallelConfig:
 class ScheduleConfig:
     name: str = "1f1b"
     num_microbatches: int = 1
+    overlap_a2a: bool = False
+    """Expert parallelism: in DualPipe's F&B pairs, run the forward and the backward chunk at the same time, so
+    each one's all-to-alls are in flight while the other computes (``raymoe.parallel.executor``). Bitwise the
+    same result as without."""
 
     def __post_init__(self) -> None:
         _check_numbers(self, "schedule")
@@ -436,18 +441,11 @@ class Config:
             validate_inputs(s.name, p.pp, s.num_microbatches)
         except ValueError as exc:
             raise ValueError(f"schedule.name={s.name}, parallel.pp={p.pp}: {exc}") from exc
-        num_stages = 2 * p.pp if s.name == "dualpipev" else p.pp
-        if p.stage_layers:
-            if len(p.stage_layers) != num_stages or sum(p.stage_layers) != m.num_layers or min(p.stage_layers) < 1:
-                raise ValueError(
-                    f"parallel.stage_layers {list(p.stage_layers)} must list {num_stages} positive layer counts "
-                    f"summing to model.num_layers ({m.num_layers})"
-                )
-        elif m.num_layers < num_stages:
-            raise ValueError(
-                f"model.num_layers ({m.num_layers}) is smaller than the {num_stages} pipeline stages of "
-                f"schedule {s.name} with pp={p.pp}"
-            )
+        from raymoe.schedule.layout_rules import check_zero_stage, layer_counts, num_chunks
+
+        layer_counts(m.num_layers, num_chunks(s.name, p.pp), p.stage_layers, key="parallel.stage_layers",
+                     layers_key="model.num_layers")
+        check_zero_stage(zero_stage=p.zero_stage, schedule=s.name, pp=p.pp, ep=p.ep, mtp_depth=self.mtp.depth)
 
     @property
     def micro_batch_size(self) -> int:

@@ -92,7 +92,14 @@ def build_model(config: Config, *, device: str | torch.device = "cpu", seed: int
 
 
 def convert_for_precision(module: nn.Module, config: Config) -> nn.Module:
-    """FP8 linears where ``precision.fp8`` asks for them (after materialising: they reuse the weights)."""
+    """FP8 linears where ``precision.fp8`` asks for them (after materialising: they reuse the weights), and FP8
+    token dispatch where ``precision.fp8_dispatch`` does."""
+    if config.precision.fp8_dispatch:
+        from raymoe.model.dispatch import LocalDispatcher
+        from raymoe.model.moe import MoE
+
+        for moe in (m for m in module.modules() if isinstance(m, MoE)):
+            moe.dispatcher = LocalDispatcher(fp8=True, fp8_power_of_two=config.precision.fp8_power_of_two_scales)
     if config.precision.fp8:
         from raymoe.fp8 import convert_linears
 

@@ -25,6 +25,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from raymoe.model.grouped import compute_dtype, grouped_expert_mlp, resolve_backend, stack_expert_weights
+
 
 @dataclass(frozen=True, kw_only=True)
 class DispatchPlan:
@@ -85,7 +87,8 @@ def routing_rows(topk_ids_NK: torch.Tensor, weights_NK: torch.Tensor, rank_of_ex
 
 
 def run_local_experts(experts: nn.ModuleDict, x_RD: torch.Tensor, ids_RK: torch.Tensor,
-                      weights_RK: torch.Tensor, source_counts: Sequence[int] = ()) -> torch.Tensor:
+                      weights_RK: torch.Tensor, source_counts: Sequence[int] = (), *,
+                      backend: str = "loop") -> torch.Tensor:
     """Run this rank's experts on the received rows and sum each row's weighted expert outputs: (R, D).
 
     ``experts`` maps *global* expert id (as a string) to the expert; ``ids_RK`` holds global ids, ``-1`` for
@@ -97,8 +100,15 @@ def run_local_experts(experts: nn.ModuleDict, x_RD: torch.Tensor, ids_RK: torch.
     their own expert batches, so an expert multiplies exactly the rows it would multiply on one device for that
     source's micro-batch: GEMM kernels pick their blocking by the row count, and the same rows give the same bits
     as the single-process reference (a CPU choice for exact parity; a GPU grouped GEMM would batch all sources).
+
+    ``backend`` (``raymoe.model.grouped``): ``loop`` runs each expert module in turn (the FP8 and zero-bubble
+    seams act inside them); ``auto`` runs plain BF16 experts on CUDA as grouped GEMMs over stacked weights
+    (``torch._grouped_mm``), all sources in one batch, and loops elsewhere; ``grouped_mm`` forces the kernel.
     """
-    if len(source_counts) > 1:
+    modules = [experts[str(e)] for e in sorted(int(e) for e in experts)]
+    grouped = backend != "loop" and _groupable(modules) and resolve_backend(
+        backend, x_RD, (modules[0].w1.out_features, modules[0].w1.in_features)) == "grouped_mm"
+    if len(source_counts) > 1 and not grouped:
         pieces = zip(x_RD.split(list(source_counts)), ids_RK.split(list(source_counts)),
                      weights_RK.split(list(source_counts)))
         return torch.cat([run_local_experts(experts, x, ids, w) for x, ids, w in pieces])
@@ -111,9 +121,20 @@ def run_local_experts(experts: nn.ModuleDict, x_RD: torch.Tensor, ids_RK: torch.
     counts = _counts_of(flat_ids[order], expert_ids)
     row_of_copy = order // top_k
     x_sorted = x_RD[row_of_copy]
-    outputs = [experts[str(e)](chunk) for e, chunk in zip(expert_ids, x_sorted.split(counts))]
-    y_sorted = torch.cat(outputs) * weights_RK.flatten()[order].unsqueeze(1).to(x_RD.dtype)
+    if grouped:
+        stacked = stack_expert_weights(modules, dtype=compute_dtype(x_RD))
+        counts_E = torch.tensor(counts, dtype=torch.int64, device=x_RD.device)
+        y_cat = grouped_expert_mlp(x_sorted, counts_E, *stacked, backend="grouped_mm")
+    else:
+        y_cat = torch.cat([experts[str(e)](chunk) for e, chunk in zip(expert_ids, x_sorted.split(counts))])
+    y_sorted = y_cat * weights_RK.flatten()[order].unsqueeze(1).to(x_RD.dtype)
     return torch.zeros_like(x_RD).index_add_(0, row_of_copy, y_sorted)
+
+
+def _groupable(modules: list[nn.Module]) -> bool:
+    """Plain SwiGLU experts whose three weights can be stacked (not FP8 or zero-bubble deferred linears)."""
+    return bool(modules) and all(type(getattr(m, name, None)) is nn.Linear for m in modules
+                                 for name in ("w1", "w2", "w3"))
 
 
 def _counts_of(sorted_ids: torch.Tensor, expert_ids: list[int]) -> list[int]:
@@ -146,10 +167,19 @@ class TokenDispatcher(Protocol):
 
 
 class LocalDispatcher:
-    """The one-rank twin: every expert is local, every token is one row, nothing moves."""
+    """The one-rank twin: every expert is local, every token is one row, nothing moves. With ``fp8`` the tokens
+    are rounded as an FP8 dispatch would round them (``precision.fp8_dispatch``), so the twin computes what the
+    all-to-all computes."""
+
+    def __init__(self, *, fp8: bool = False, fp8_power_of_two: bool = False) -> None:
+        self.fp8, self.fp8_power_of_two = fp8, fp8_power_of_two
 
     def dispatch(self, x_ND, topk_ids_NK, weights_NK, *, layer):
         n = x_ND.shape[0]
+        if self.fp8:
+            from raymoe.fp8.dispatch import fake_quantize_for_dispatch
+
+            x_ND = fake_quantize_for_dispatch(x_ND, power_of_two_scales=self.fp8_power_of_two)
         plan = DispatchPlan(num_tokens=n, send_token_idx_S=torch.arange(n, device=x_ND.device), send_counts=(n,),
                             recv_counts=(n,), naive_rows=0)
         return x_ND, topk_ids_NK, weights_NK, plan

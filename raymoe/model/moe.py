@@ -87,6 +87,9 @@ class MoE(nn.Module):
         self.experts = nn.ModuleDict({str(e): MLP(cfg.dim, cfg.moe_inter_dim) for e in ids})
         self.shared = MLP(cfg.dim, cfg.num_shared_experts * cfg.moe_inter_dim) if cfg.num_shared_experts else None
         self.dispatcher: TokenDispatcher = LocalDispatcher()
+        self.expert_backend = "auto"
+        """How the routed experts run (``raymoe.model.dispatch.run_local_experts``): grouped GEMMs for BF16 on
+        CUDA, one expert after another elsewhere; ``loop`` or ``grouped_mm`` force one."""
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         batch, seq_len, dim = x_BTD.shape
@@ -98,7 +101,8 @@ class MoE(nn.Module):
         counts_E = expert_counts(topk_ids_NK, self.num_experts)
         slot = self.gate.slot
         x_RD, ids_RK, weights_RK, plan = self.dispatcher.dispatch(x_ND, topk_ids_NK, weights_NK, layer=slot)
-        y_RD = run_local_experts(self.experts, x_RD, ids_RK, weights_RK, plan.recv_counts)
+        y_RD = run_local_experts(self.experts, x_RD, ids_RK, weights_RK, plan.recv_counts,
+                                 backend=self.expert_backend)
         y_ND = self.dispatcher.combine(y_RD, plan, layer=slot, out_dtype=x_ND.dtype)
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)

@@ -25,6 +25,7 @@ throughout, and a rank with nothing to send still takes part with an empty tenso
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,28 +64,33 @@ class DispatchStats:
 
 @dataclass(frozen=True, kw_only=True)
 class _Exchange:
-    """One direction of an all-to-all: the group, who is who, and the split sizes."""
+    """The all-to-all of one ep group: who is who, where the bytes go, and the counters. Forward exchanges run on
+    ``group``, the backward ones (autograd's) on ``backward_group``: with overlap a forward and a backward chunk
+    exchange at the same time from two threads, and each group still sees its collectives in one fixed order."""
 
     group: object
+    backward_group: object
     my_index: int
     node_of: tuple[int, ...]
     stats: DispatchStats = field(compare=False)
+    lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
 
-    def run(self, x_SC: torch.Tensor, in_splits: Sequence[int], out_splits: Sequence[int]) -> torch.Tensor:
+    def run(self, x_SC: torch.Tensor, in_splits: Sequence[int], out_splits: Sequence[int], *,
+            backward: bool = False) -> torch.Tensor:
         out = x_SC.new_empty((int(sum(out_splits)), *x_SC.shape[1:]))
         start = time.perf_counter()
         dist.all_to_all_single(out, x_SC.contiguous(), list(map(int, out_splits)), list(map(int, in_splits)),
-                               group=self.group)
-        self.stats.seconds += time.perf_counter() - start
-        self.stats.calls += 1
+                               group=self.backward_group if backward else self.group)
+        seconds = time.perf_counter() - start
         row_bytes = x_SC.element_size() * int(torch.tensor(x_SC.shape[1:]).prod()) if x_SC.dim() > 1 else 1
-        for peer, rows in enumerate(in_splits):
-            if peer == self.my_index:
-                continue
-            if self.node_of[peer] == self.node_of[self.my_index]:
-                self.stats.measured_same_node_bytes += int(rows) * row_bytes
-            else:
-                self.stats.measured_cross_node_bytes += int(rows) * row_bytes
+        same = sum(int(r) for p, r in enumerate(in_splits) if p != self.my_index
+                   and self.node_of[p] == self.node_of[self.my_index])
+        cross = sum(int(r) for p, r in enumerate(in_splits) if self.node_of[p] != self.node_of[self.my_index])
+        with self.lock:
+            self.stats.seconds += seconds
+            self.stats.calls += 1
+            self.stats.measured_same_node_bytes += same * row_bytes
+            self.stats.measured_cross_node_bytes += cross * row_bytes
         return out
 
 
@@ -98,7 +104,7 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_RC):
-        return ctx.exchange.run(grad_RC, ctx.out_splits, ctx.in_splits), None, None, None
+        return ctx.exchange.run(grad_RC, ctx.out_splits, ctx.in_splits, backward=True), None, None, None
 
 
 class _Fp8AllToAll(torch.autograd.Function):
@@ -118,14 +124,16 @@ class _Fp8AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_RD):
-        return ctx.exchange.run(grad_RD, ctx.out_splits, ctx.in_splits), None, None, None, None
+        return ctx.exchange.run(grad_RD, ctx.out_splits, ctx.in_splits, backward=True), None, None, None, None
 
 
 class AllToAllDispatcher:
     """The ``TokenDispatcher`` of one pipeline stage's ep group."""
 
     def __init__(self, *, group, rank_of_expert_E: torch.Tensor, node_of_rank: Sequence[int] | None = None,
-                 fp8: bool = False, fp8_power_of_two: bool = False) -> None:
+                 fp8: bool = False, fp8_power_of_two: bool = False, backward_group=None) -> None:
+        """``backward_group``: the communicator for backward exchanges (default: ``group``; with overlap, the ep
+        group's twin, ``ProcessGroups.ep_backward``)."""
         self.group = group
         self.size = dist.get_world_size(group)
         self.my_index = dist.get_rank(group)
@@ -135,7 +143,8 @@ class AllToAllDispatcher:
             raise ValueError(f"node_of_rank has {len(node_of)} entries for an ep group of {self.size}")
         self.fp8, self.fp8_power_of_two = fp8, fp8_power_of_two
         self.stats = DispatchStats()
-        self._exchange = _Exchange(group=group, my_index=self.my_index, node_of=node_of, stats=self.stats)
+        self._exchange = _Exchange(group=group, backward_group=backward_group if backward_group is not None else group,
+                                   my_index=self.my_index, node_of=node_of, stats=self.stats)
 
     def _peer_rank(self, index: int) -> int:
         return dist.get_global_rank(self.group, index)
@@ -175,11 +184,13 @@ class AllToAllDispatcher:
         naive_remote = int((rank_of[topk_ids_NK] != self.my_index).sum())
         row_bytes = dim * x_ND.element_size()
         # forward dispatch + combine, and their backward: four crossings of the hidden state
-        self.stats.naive_bytes += 4 * naive_remote * row_bytes
-        self.stats.dedup_bytes += 4 * sum(remote) * row_bytes
+        with self._exchange.lock:
+            self.stats.naive_bytes += 4 * naive_remote * row_bytes
+            self.stats.dedup_bytes += 4 * sum(remote) * row_bytes
         received = int(sum(recv_counts))
-        self.stats.rows_received += received
-        self.stats.peak_rows_received = max(self.stats.peak_rows_received, received)
+        with self._exchange.lock:
+            self.stats.rows_received += received
+            self.stats.peak_rows_received = max(self.stats.peak_rows_received, received)
         plan = DispatchPlan(num_tokens=x_ND.shape[0], send_token_idx_S=token_S, send_counts=tuple(send_counts),
                             recv_counts=tuple(recv_counts), naive_rows=naive_remote)
         return x_RD, ids_RK, weights_RK, plan

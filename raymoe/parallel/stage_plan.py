@@ -28,6 +28,7 @@ from raymoe.config import Config
 from raymoe.model import RouterStats, Transformer, output_losses
 from raymoe.model.build import convert_for_precision, materialize
 from raymoe.model.moe import Gate, MoE
+from raymoe.schedule.layout_rules import layer_counts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,28 +55,10 @@ class StagePlan:
 
 
 def plan_stages(num_layers: int, num_chunks: int, stage_layers: Sequence[int] = ()) -> StagePlan:
-    """Cut ``num_layers`` into ``num_chunks`` chunks: ``stage_layers`` if given, else as even as possible.
-
-    The even split gives the leftover layers (fewer than ``num_chunks``) to the earliest chunks, so the last
-    chunk, which already carries the output head and the MTP block(s), never gets one. ``raymoe.plan``'s
-    ``split_layers`` cuts the same way (it stays torch-free, so it keeps its own copy of these two lines).
-    """
-    if num_chunks < 1:
-        raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
-    if stage_layers:
-        counts = list(stage_layers)
-        if len(counts) != num_chunks or sum(counts) != num_layers or min(counts) < 1:
-            raise ValueError(
-                f"stage_layers {counts} must list {num_chunks} positive layer counts summing to "
-                f"num_layers ({num_layers})"
-            )
-    else:
-        if num_layers < num_chunks:
-            raise ValueError(f"cannot cut {num_layers} layers into {num_chunks} pipeline chunks of >= 1 layer")
-        base, extra = divmod(num_layers, num_chunks)
-        counts = [base + (1 if c < extra else 0) for c in range(num_chunks)]
+    """Cut ``num_layers`` into ``num_chunks`` chunks: ``stage_layers`` if given, else as even as possible
+    (``raymoe.schedule.layout_rules.layer_counts``, the rule the config and the planner apply too)."""
     ranges, start = [], 0
-    for n in counts:
+    for n in layer_counts(num_layers, num_chunks, stage_layers):
         ranges.append((start, start + n))
         start += n
     return StagePlan(num_layers=num_layers, chunk_layers=tuple(ranges))
@@ -149,22 +132,6 @@ class PipelineStage(nn.Module):
             mtp_ce=mtp_ce.detach(),
             router_stats=stats + mtp_stats,
         )
-
-    def chunk_parameters(self, chunk: int) -> list[nn.Parameter]:
-        """The parameters chunk ``chunk`` uses (the W of a zero-bubble split computes their gradients)."""
-        modules: list[nn.Module] = [self.layers[str(i)] for i in self.plan.layers_of(chunk)]
-        if chunk == 0 or (chunk == self.plan.last_chunk and self.mtp_depth > 0):
-            modules.append(self.embed)
-        if chunk == self.plan.last_chunk:
-            modules += [self.norm, self.head, self.mtp]
-        seen: set[int] = set()
-        params = []
-        for module in modules:
-            for p in module.parameters():
-                if id(p) not in seen and p.requires_grad:
-                    seen.add(id(p))
-                    params.append(p)
-        return params
 
     def gates(self) -> list[Gate]:
         return [m for m in self.modules() if isinstance(m, Gate)]

@@ -115,8 +115,9 @@ class Worker:
         if p.ep > 1:
             members = self.groups.members["ep"]
             nodes = tuple(node_of_rank[r] for r in members) if node_of_rank is not None else None
-            dispatcher = AllToAllDispatcher(group=self.groups.ep, rank_of_expert_E=expert_placement,
-                                            node_of_rank=nodes, fp8=config.precision.fp8_dispatch,
+            dispatcher = AllToAllDispatcher(group=self.groups.ep, backward_group=self.groups.ep_backward,
+                                            rank_of_expert_E=expert_placement, node_of_rank=nodes,
+                                            fp8=config.precision.fp8_dispatch,
                                             fp8_power_of_two=config.precision.fp8_power_of_two_scales)
             install_dispatcher(stage, dispatcher)
         if config.run.init_from:  # weights of an export, whatever layout wrote it: this stage reads its own
@@ -142,7 +143,8 @@ class Worker:
             activation_shape=(config.micro_batch_size, config.data.seq_len, config.model.dim),
             # activations between stages are fp32: parameters are fp32 master weights and bf16 is autocast compute
             num_routers=num_routers, num_experts=num_experts, dtype=torch.float32,
-            device=self.device, after_backward=optimizer.after_backward,
+            device=self.device, after_backward=optimizer.after_backward, overlap=config.schedule.overlap_a2a,
+            compute_context=lambda: compute_context(config, self.device),
         )
         self.layouts[key] = _Layout(config, stage, tuple(actions), executor, optimizer, sync, dispatcher)
         return LoadInfo(
