@@ -4,8 +4,14 @@ Why not ``ray.init()``: the jobs and metrics tests must talk to a head the way a
 Prometheus endpoint), and other tests (or other people on the machine) may run their own Ray at the same time.
 So the head gets:
 
-* free ports for GCS, dashboard and metrics export, and a private ``--temp-dir``: ``ray.init()`` elsewhere
-  looks for ``<default temp dir>/ray_current_cluster`` and therefore never joins this head by accident;
+* free ports for every listener Ray lets us choose (GCS, dashboard, metrics export, node and object managers,
+  the dashboard agent's HTTP and gRPC ports, the runtime-env agent, the Ray Client server), and a private
+  ``--temp-dir``: ``ray.init()`` elsewhere looks for ``<default temp dir>/ray_current_cluster`` and therefore
+  never joins this head by accident. The fixed defaults collided with any other local Ray: with another
+  ``ray.init()`` running, its dashboard agent held port 52365, ours could not serve, and ``ray job submit``
+  failed with "No available agent to submit job";
+* a start that waits for the head's job agent, not only the dashboard (``wait_for_job_agent``): the dashboard
+  answers seconds before the agent that runs submitted jobs is up and registered;
 * its own token: Ray 2.60 turns token authentication on for ``ray start --head`` when a token is around
   (``~/.ray/auth_token`` appears after any local ``ray.init()``), and ``ray job submit`` then needs
   ``RAY_AUTH_MODE=token`` plus the token. We set ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` explicitly for
@@ -55,13 +61,17 @@ class LocalHead:
     def __init__(self, *, num_cpus: int = 2, dashboard: bool = True) -> None:
         self.token = secrets.token_hex(16)
         self.gcs_port, self.dashboard_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.agent_http_port = free_port()
+        ports = {"node-manager-port": free_port(), "object-manager-port": free_port(),
+                 "dashboard-agent-listen-port": self.agent_http_port, "dashboard-agent-grpc-port": free_port(),
+                 "runtime-env-agent-port": free_port(), "ray-client-server-port": free_port()}
         self.temp_dir = tempfile.mkdtemp(prefix="rmray-", dir="/tmp")  # short: Ray's socket paths are bounded
         self.env = client_env(self.token)
         self.log_path = Path(self.temp_dir) / "head.log"
         self._args = [
             str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
             f"--port={self.gcs_port}", f"--metrics-export-port={self.metrics_port}", f"--num-cpus={num_cpus}",
-            f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+            f"--temp-dir={self.temp_dir}", "--disable-usage-stats", *(f"--{k}={v}" for k, v in ports.items()),
         ]
         if dashboard:
             self._args += ["--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
@@ -92,13 +102,38 @@ class LocalHead:
                 raise RuntimeError(f"ray start exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
                 urllib.request.urlopen(url, timeout=2)
-                return self
+                break
             except urllib.error.HTTPError:  # 401 without a token: the server is up
-                return self
+                break
             except OSError:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the head did not come up in {timeout_s} s:\n{self.log_tail()}") from None
                 time.sleep(0.5)
+        if self.dashboard:
+            self.wait_for_job_agent(max(10.0, deadline - time.monotonic()))
+        return self
+
+    def wait_for_job_agent(self, timeout_s: float = 60.0) -> None:
+        """Until the head's job agent answers HTTP on its own port, and the job API lists jobs (what
+        ``ray job submit`` needs); a clear TimeoutError with the head's log otherwise."""
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.agent_http_port), timeout=2):
+                    pass
+                request = urllib.request.Request(f"{self.dashboard_url}/api/jobs/",
+                                                 headers={"Authorization": f"Bearer {self.token}"})
+                urllib.request.urlopen(request, timeout=5).read()
+                return
+            except OSError as exc:  # refused (not up yet), or the job API not ready
+                last = exc
+                time.sleep(0.5)
+        raise TimeoutError(f"the head's job agent (127.0.0.1:{self.agent_http_port}) was not ready within "
+                           f"{timeout_s:.0f} s (last: {last}); `ray job submit` would fail with 'No available "
+                           f"agent':\n{self.log_tail()}")
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text()[-chars:] if self.log_path.exists() else ""

@@ -7,8 +7,12 @@ is polled from the job REST API the CLI itself uses.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -23,13 +27,37 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 SMOKE = "jobs/configs/cpu_smoke.yaml"
 
 
+@contextlib.contextmanager
+def another_ray():
+    """Another local Ray instance, started first with Ray's default ports (its dashboard agent holds 52365), as
+    on a machine shared with other people: with it, our head's job submission used to fail (issue 21)."""
+    code = ("import sys, ray; ray.init(num_cpus=1, configure_logging=False); print('up', flush=True); "
+            "sys.stdin.read(); ray.shutdown()")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "up", "the other Ray instance did not start"
+        yield proc
+    finally:
+        proc.stdin.close()  # it shuts its Ray down and exits
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # only the process group we started
+            proc.wait()
+
+
 @pytest.fixture(scope="module")
 def head():
-    local = LocalHead(num_cpus=4, dashboard=True)
-    try:
-        yield local.start()
-    finally:
-        local.stop()
+    """Our private head, started while another local Ray instance runs (``another_ray`` is a context manager, not
+    a fixture, so that modules importing ``head`` from here need nothing else)."""
+    with another_ray():
+        local = LocalHead(num_cpus=4, dashboard=True)
+        try:
+            yield local.start()
+        finally:
+            local.stop()
 
 
 def ray_job(head: LocalHead, command: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -68,14 +96,25 @@ def wait_for(head: LocalHead, submission_id: str, statuses: set[str], timeout_s:
         time.sleep(1.0)
 
 
-def submit(head: LocalHead, submission_id: str, *train_args: str, config: str | None = SMOKE) -> None:
+def submit(head: LocalHead, submission_id: str, *train_args: str, config: str | None = SMOKE,
+           agent_wait_s: float = 60) -> None:
+    """``ray job submit``; while the head answers "No available agent" (its job agent registers with the
+    dashboard a little after both are up), try again for up to ``agent_wait_s``, then fail saying so."""
     metadata = {"raymoe_config": str(config), "description": "raymoe CPU smoke job (tests/test_jobs.py)"}
     config_args = ("--config", config) if config else ()
-    result = ray_job(head, "submit", "--no-wait", "--submission-id", submission_id,
-                     "--metadata-json", json.dumps(metadata),
-                     "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml",
-                     "--", "python", "-m", "raymoe", "train", *config_args, *train_args)
-    assert result.returncode == 0, result.stdout + result.stderr
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        result = ray_job(head, "submit", "--no-wait", "--submission-id", submission_id,
+                         "--metadata-json", json.dumps(metadata),
+                         "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml",
+                         "--", "python", "-m", "raymoe", "train", *config_args, *train_args)
+        output = result.stdout + result.stderr
+        if result.returncode == 0 or "No available agent" not in output:
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(f"the head's job agent never became available in {agent_wait_s} s:\n{output[-2000:]}")
+        time.sleep(2.0)
+    assert result.returncode == 0, output
 
 
 def test_submit_without_the_token_is_refused(head):

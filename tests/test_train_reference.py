@@ -130,13 +130,13 @@ def test_fp8_training_step_runs_and_converts_the_paper_linears():
     assert "head" not in fp8 and "mtp.0.proj" not in fp8
 
 
-def test_a_diverging_run_stops_with_the_step_named():
+def test_a_diverging_run_stops_with_the_step_named(tmp_path):
     from click.testing import CliRunner
 
     from raymoe.cli import main
 
     result = CliRunner().invoke(main, ["train", "--preset", "debug", "--engine", "local", "--steps", "10",
-                                       "optim.lr=1e4", "optim.grad_clip=0", "run.out_dir=/tmp/raymoe-test-nan"])
+                                       "optim.lr=1e4", "optim.grad_clip=0", f"run.out_dir={tmp_path / 'nan'}"])
     assert result.exit_code == 1, result.output
     assert re.search(r"step \d+: grad_norm=nan", result.output), result.output
     assert "training stopped before saving this state" in result.output

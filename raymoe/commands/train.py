@@ -22,6 +22,9 @@ import click
 @click.option("--reshard", is_flag=True, default=False,
               help="With --resume: continue the run in another layout (parallel.*, schedule.*, --engine), with "
                    "its weights, exact AdamW state, step, tokens, data cursor and routing biases.")
+@click.option("--overwrite", is_flag=True, default=False,
+              help="Start a fresh run in a directory that holds an earlier run; the earlier run's files move to "
+                   "OUT/earlier-N/ (nothing is deleted). Without it such a directory is refused.")
 @click.option(
     "--engine",
     type=click.Choice(["ray", "local"]),
@@ -30,9 +33,12 @@ import click
     help="ray: workers are Ray actors; local: the single-process reference trainer in this process.",
 )
 @click.argument("overrides", nargs=-1)
-def train(preset, config_file, steps, out_dir, address, checkpoint_every, init_from, resume, reshard, engine,
-          overrides) -> None:
-    """Train a model. OVERRIDES are key=value pairs, e.g. model.num_layers=6 optim.lr=3e-4."""
+def train(preset, config_file, steps, out_dir, address, checkpoint_every, init_from, resume, reshard, overwrite,
+          engine, overrides) -> None:
+    """Train a model. OVERRIDES are key=value pairs, e.g. model.num_layers=6 optim.lr=3e-4.
+
+    Every refusal (a bad value, a layout, memory, a directory, the data, the cluster) is one line naming the
+    setting, and comes before anything is written."""
     from raymoe.config import load_config
 
     extra = list(overrides)
@@ -42,33 +48,27 @@ def train(preset, config_file, steps, out_dir, address, checkpoint_every, init_f
             extra.append(f"{key}={value}")
     checkpoint = None
     if resume is not None and init_from is not None:
-        raise click.BadParameter("--resume continues a run exactly; --init-from starts a new one from weights: "
-                                 "pick one")
+        raise click.ClickException("--resume continues a run exactly; --init-from starts a new one from "
+                                   "weights: pick one")
     if reshard and resume is None:
-        raise click.BadParameter("--reshard continues a saved run in another layout: it needs --resume RUN_DIR")
+        raise click.ClickException("--reshard continues a saved run in another layout: it needs --resume RUN_DIR")
     try:
         if resume is not None:
             checkpoint, config = _resumed_config(resume, preset, config_file, extra)
         else:
             config = load_config(preset or ("small" if config_file is None else None), extra, config_file)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
+    except ValueError as exc:  # one line (click's BadParameter would add the usage text around it)
+        raise click.ClickException(str(exc)) from exc
+    from raymoe.train.metrics import NonFiniteLoss
+
     if engine == "local":
-        from raymoe.train import train_local
-        from raymoe.train.metrics import NonFiniteLoss
-
-        try:
-            records = train_local(config, resume=checkpoint, reshard=reshard)
-        except (ValueError, NonFiniteLoss) as exc:
-            raise click.ClickException(str(exc)) from exc
+        from raymoe.train import train_local as run
     else:
-        from raymoe.runtime.launch import train_ray
-        from raymoe.train.metrics import NonFiniteLoss
-
-        try:
-            records = train_ray(config, resume=checkpoint, reshard=reshard)
-        except (ValueError, NonFiniteLoss) as exc:  # refused before any step ran (layout, cluster, checkpoint)
-            raise click.ClickException(str(exc)) from exc  # or a diverged run, stopped before saving NaNs
+        from raymoe.runtime.launch import train_ray as run
+    try:
+        records = run(config, resume=checkpoint, reshard=reshard, overwrite=overwrite)
+    except (ValueError, NonFiniteLoss) as exc:  # refused before any step ran (layout, cluster, checkpoint, ...)
+        raise click.ClickException(str(exc)) from exc  # or a diverged run, stopped before saving NaNs
     if records:
         last = records[-1]
         ended = "done" if last["step"] + 1 >= config.run.steps else "stopped"

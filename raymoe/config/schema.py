@@ -8,13 +8,68 @@ omegaconf turns YAML presets and ``key=value`` overrides into these classes (see
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 SCHEDULES = ("gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev")
 DTYPES = ("fp32", "bf16")
 SCORE_FUNCS = ("sigmoid", "softmax")
 FP8_BACKENDS = ("auto", "emulate", "scaled_mm")
 DEVICES = ("cpu", "cuda")
+MAX_INT = 2**63 - 1
+"""Every integer field fits int64: torch and numpy index, seed and count with it, and a larger value would fail
+deep inside them (``torch.empty`` overflows) instead of here."""
+MAX_LAYERS = 10_000
+"""Transformer layers (DeepSeek-V3: 61). The planner, the stage plan and the router slots loop over layers, so a
+count like 10**12 would hang the checks that should refuse it; anything that large could never be built anyway."""
+MAX_MTP_DEPTH = 64
+MAX_MICROBATCHES = 16_384
+"""Schedules are generated as explicit action lists (about 2 x pp x microbatches actions)."""
+MAX_TIMEOUT_S = 2.0**31
+"""Timeouts beyond ~68 years overflow the timers Ray and threading use; 0 already means "no limit"."""
+
+
+def _check_numbers(section: object, owner: str) -> None:
+    """Non-finite floats (nan, inf, 1e400) and integers beyond int64 are refused in every section, whatever the
+    field: nan slips through every ``<``/``>`` comparison below (``nan <= 0`` is False), so it would otherwise
+    train silently (``optim.grad_clip=nan``) or fail only at step 0 inside the workers."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{owner}.{f.name} must be a finite number, got {v}")
+            if isinstance(v, int) and abs(v) > MAX_INT:
+                raise ValueError(f"{owner}.{f.name} must fit in int64 (|value| <= 2**63-1), got {v}")
+
+
+NAME_MAX = 255
+"""Longest file name (one path component) Linux file systems accept."""
+
+
+def check_path_shape(key: str, path: str) -> None:
+    """What can be said about a path without touching the file system: no NUL byte, no component longer than
+    the file system allows (``OSError: File name too long`` otherwise comes only when the first file is written)."""
+    if "\0" in path:
+        raise ValueError(f"{key} must not contain a NUL byte, got {path!r}")
+    for part in path.split("/"):
+        if len(part.encode()) > NAME_MAX:
+            raise ValueError(f"{key}: the name {part[:40]!r}... is {len(part.encode())} bytes long; file systems "
+                             f"allow at most {NAME_MAX} per path component")
+
+
+def check_ray_address(address: str) -> None:
+    """``run.ray_address``: empty (a local Ray, or RAY_ADDRESS), ``auto``, ``HOST:PORT`` (a head's GCS) or
+    ``ray://HOST:PORT`` (Ray Client). Whether something answers there is checked before ``ray.init``."""
+    if address in ("", "auto"):
+        return
+    rest = address.split("://", 1)[1] if address.startswith("ray://") else address
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host or "://" in rest:
+        raise ValueError(f"run.ray_address must be '', 'auto', HOST:PORT or ray://HOST:PORT with a port in "
+                         f"1-65535, got {address!r}")
 
 
 def _positive(owner: str, **values: float) -> None:
@@ -27,6 +82,12 @@ def _non_negative(owner: str, **values: float) -> None:
     for name, value in values.items():
         if value < 0:
             raise ValueError(f"{owner}.{name} must be >= 0, got {value}")
+
+
+def _at_most(owner: str, **values: tuple[int, int]) -> None:
+    for name, (value, limit) in values.items():
+        if value > limit:
+            raise ValueError(f"{owner}.{name} must be <= {limit:,}, got {value:,}")
 
 
 def _one_of(owner: str, name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -62,6 +123,7 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        _check_numbers(self, "model")
         _positive(
             "model",
             vocab_size=self.vocab_size,
@@ -86,6 +148,7 @@ class ModelConfig:
             num_shared_experts=self.num_shared_experts,
             q_lora_rank=self.q_lora_rank,
         )
+        _at_most("model", num_layers=(self.num_layers, MAX_LAYERS))
         if self.num_dense_layers > self.num_layers:
             raise ValueError(
                 f"model.num_dense_layers ({self.num_dense_layers}) exceeds model.num_layers ({self.num_layers})"
@@ -123,6 +186,7 @@ class RoutingConfig:
     """Weight of the complementary sequence-wise balance loss."""
 
     def __post_init__(self) -> None:
+        _check_numbers(self, "routing")
         _positive("routing", top_k=self.top_k, num_groups=self.num_groups, groups_kept=self.groups_kept)
         _positive("routing", route_scale=self.route_scale)
         _non_negative("routing", bias_update_speed=self.bias_update_speed, seq_aux_alpha=self.seq_aux_alpha)
@@ -150,7 +214,9 @@ class MtpConfig:
     """Switch lambda from ``loss_weight`` to ``late_loss_weight`` after this many tokens; -1 never."""
 
     def __post_init__(self) -> None:
+        _check_numbers(self, "mtp")
         _non_negative("mtp", depth=self.depth, loss_weight=self.loss_weight, late_loss_weight=self.late_loss_weight)
+        _at_most("mtp", depth=(self.depth, MAX_MTP_DEPTH))
         if self.late_after_tokens < -1:
             raise ValueError(f"mtp.late_after_tokens must be -1 or >= 0, got {self.late_after_tokens}")
 
@@ -176,6 +242,7 @@ class PrecisionConfig:
     """Keep AdamW moments in BF16 with FP32 master weights (the paper's choice)."""
 
     def __post_init__(self) -> None:
+        _check_numbers(self, "precision")
         _one_of("precision", "dtype", self.dtype, DTYPES)
         _one_of("precision", "fp8_backend", self.fp8_backend, FP8_BACKENDS)
         _non_negative("precision", fp8_promotion_interval=self.fp8_promotion_interval)
@@ -201,6 +268,7 @@ class ParallelConfig:
     a pp x dp layout wider than its cores: correct, not fast)."""
 
     def __post_init__(self) -> None:
+        _check_numbers(self, "parallel")
         _positive("parallel", pp=self.pp, ep=self.ep, dp=self.dp)
         if not (isinstance(self.cpus_per_worker, (int, float)) and 0 < self.cpus_per_worker <= 1024):
             raise ValueError(f"parallel.cpus_per_worker must be in (0, 1024], got {self.cpus_per_worker}")
@@ -226,8 +294,10 @@ class ScheduleConfig:
     same result as without."""
 
     def __post_init__(self) -> None:
+        _check_numbers(self, "schedule")
         _one_of("schedule", "name", self.name, SCHEDULES)
         _positive("schedule", num_microbatches=self.num_microbatches)
+        _at_most("schedule", num_microbatches=(self.num_microbatches, MAX_MICROBATCHES))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -243,6 +313,7 @@ class OptimConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
     def __post_init__(self) -> None:
+        _check_numbers(self, "optim")
         _positive("optim", lr=self.lr, eps=self.eps)
         _non_negative("optim", warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, grad_clip=self.grad_clip)
         if not 0 <= self.min_lr_ratio <= 1:
@@ -262,7 +333,10 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_numbers(self, "data")
         _positive("data", seq_len=self.seq_len, batch_size=self.batch_size)
+        _non_negative("data", seed=self.seed)  # numpy's default_rng([seed, epoch]) refuses negative seeds
+        check_path_shape("data.path", self.path)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -290,13 +364,23 @@ class RunConfig:
     with a fresh optimizer and data from the start (``--resume`` continues a run exactly, in its own layout)."""
     checkpoint_dir: str = ""
     """Where checkpoints go; empty means ``<out_dir>/checkpoints``. Every worker writes its own shard there, so
-    on a multi-node cluster it must be storage all nodes share."""
+    on a multi-node cluster it must be storage all nodes share. A relative path is relative to the current
+    directory of the process that runs the driver, like ``out_dir`` and ``data.path`` (not to ``out_dir``: then
+    ``--out`` would silently move checkpoints that a shared-storage setting put elsewhere)."""
 
     def __post_init__(self) -> None:
+        _check_numbers(self, "run")
         _positive("run", steps=self.steps, log_every=self.log_every, keep_checkpoints=self.keep_checkpoints)
         _non_negative("run", checkpoint_every=self.checkpoint_every, max_failures=self.max_failures,
-                      step_timeout_s=self.step_timeout_s)
-
+                      step_timeout_s=self.step_timeout_s, seed=self.seed)
+        if self.step_timeout_s > MAX_TIMEOUT_S:
+            raise ValueError(f"run.step_timeout_s must be <= {MAX_TIMEOUT_S:g} (0 means no limit), got "
+                             f"{self.step_timeout_s}")
+        for key in ("out_dir", "checkpoint_dir", "init_from"):
+            check_path_shape(f"run.{key}", getattr(self, key))
+        if not self.out_dir:
+            raise ValueError("run.out_dir must name a directory, got ''")
+        check_ray_address(self.ray_address)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -98,21 +98,19 @@ class DatasetInfo:
                 f"{where}: expected format {FORMAT!r} version {FORMAT_VERSION}, "
                 f"got {manifest.get('format')!r} version {manifest.get('version')!r}"
             )
-        try:
-            tok = manifest["tokenizer"]
-            info = cls(
-                path=path,
-                tokenizer=str(tok["name"]),
-                vocab_size=int(tok["vocab_size"]),
-                bos_id=int(tok["bos_id"]),
-                eos_id=int(tok["eos_id"]),
-                token_dtype=str(manifest["token_dtype"]),
-                num_documents=int(manifest["num_documents"]),
-                num_tokens=int(manifest["num_tokens"]),
-                shards=tuple(ShardInfo(**s) for s in manifest["shards"]),
-            )
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"{where} is malformed: {exc!r}") from exc
+        tok = _field(where, manifest, "tokenizer", dict)
+        shards = _field(where, manifest, "shards", list)
+        info = cls(
+            path=path,
+            tokenizer=_field(where, tok, "name", str, "tokenizer."),
+            vocab_size=_field(where, tok, "vocab_size", int, "tokenizer."),
+            bos_id=_field(where, tok, "bos_id", int, "tokenizer."),
+            eos_id=_field(where, tok, "eos_id", int, "tokenizer."),
+            token_dtype=_field(where, manifest, "token_dtype", str),
+            num_documents=_field(where, manifest, "num_documents", int),
+            num_tokens=_field(where, manifest, "num_tokens", int),
+            shards=tuple(_shard_info(where, i, s) for i, s in enumerate(shards)),
+        )
         if not info.shards:
             raise ValueError(f"{where} lists no shards")
         if sum(s.num_tokens for s in info.shards) != info.num_tokens:
@@ -122,6 +120,33 @@ class DatasetInfo:
         if info.token_dtype != str(token_dtype(info.vocab_size)):
             raise ValueError(f"{where}: token_dtype {info.token_dtype} does not match vocab_size {info.vocab_size}")
         return info
+
+
+def _field(where: Path, record: dict, key: str, kind: type, prefix: str = ""):
+    """``record[key]`` if it is there and of type ``kind`` (an int must be a non-negative JSON integer), else a
+    ValueError naming the field (``int("lots")`` or ``sum`` over a string would name nothing)."""
+    if key not in record:
+        raise ValueError(f"{where} is malformed: field '{prefix}{key}' is missing")
+    value = record[key]
+    ok = isinstance(value, kind) and not (kind is int and (isinstance(value, bool) or value < 0))
+    if not ok:
+        expected = "a non-negative integer" if kind is int else f"a JSON {kind.__name__}".replace("dict", "object")
+        raise ValueError(f"{where} is malformed: field '{prefix}{key}' must be {expected}, got {value!r}")
+    return value
+
+
+def _shard_info(where: Path, index: int, shard: object) -> ShardInfo:
+    prefix = f"shards[{index}]."
+    if not isinstance(shard, dict):
+        raise ValueError(f"{where} is malformed: shards[{index}] must be a JSON object, got {shard!r}")
+    unknown = sorted(set(shard) - {"file", "num_documents", "num_tokens", "num_bytes", "sha256"})
+    if unknown:
+        raise ValueError(f"{where} is malformed: shards[{index}] has unknown fields {unknown}")
+    return ShardInfo(file=_field(where, shard, "file", str, prefix),
+                     num_documents=_field(where, shard, "num_documents", int, prefix),
+                     num_tokens=_field(where, shard, "num_tokens", int, prefix),
+                     num_bytes=_field(where, shard, "num_bytes", int, prefix),
+                     sha256=_field(where, shard, "sha256", str, prefix))
 
 
 # ---------------------------------------------------------------------------------------------------- writing

@@ -15,6 +15,7 @@ from raymoe.checkpoint import Manifest
 from raymoe.checkpoint.compat import check_steps
 from raymoe.config import Config
 from raymoe.train.metrics import check_finite
+from raymoe.train.preflight import preflight
 from raymoe.train.reference import ReferenceTrainer
 from raymoe.train.run_dir import RunDir
 from raymoe.train.saving import checkpoint_due, log_stop, open_store, save_logged
@@ -23,13 +24,16 @@ from raymoe.train.stop import StopRequests
 
 def train_local(
     config: Config, *, out_dir: str | None = None, progress: bool = True, resume: str | Path | None = None,
-    reshard: bool = False,
+    reshard: bool = False, overwrite: bool = False,
 ) -> list[dict]:
-    trainer = ReferenceTrainer(config)
+    """``overwrite``: a fresh run may start in a directory holding an earlier run (which is set aside)."""
+    out_dir = out_dir or config.run.out_dir
+    preflight(config, out_dir, engine="local", fresh=resume is None, overwrite=overwrite)  # before any write
+    trainer = ReferenceTrainer(config, device=config.parallel.device)
     if resume is not None:  # refused before anything is written if it does not continue this config
         check_steps(Manifest.read(Path(resume)), config.run.steps, source=str(resume))
         trainer.restore(Path(resume), reshard=reshard)
-    run_dir = RunDir(out_dir or config.run.out_dir, config, resume_step=trainer.step_index if resume else None)
+    run_dir = RunDir(out_dir, config, resume_step=trainer.step_index if resume else None, overwrite=overwrite)
     store = open_store(config, run_dir, fresh=resume is None)
     last_checkpoint = Path(resume) if resume is not None else None
     if resume is not None:

@@ -1,24 +1,74 @@
 """A run directory: resolved config, per-step metrics (JSONL as they happen, Parquet at the end), a loss plot.
 
 JSONL is appended and flushed every step so a crashed or stopped run keeps everything it measured.
+
+A fresh run never destroys an earlier run's history: a directory that already holds a run (its config, metrics,
+events or checkpoints) is refused unless ``overwrite`` is given, and then the earlier run's files move, whole,
+to ``earlier-N/`` inside it (nothing is deleted). ``--resume`` continues the run that is there.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 from raymoe.checkpoint.files import write_text_atomic
 from raymoe.config import Config, to_yaml
 
+RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.superseded.jsonl", "metrics.parquet", "loss.png",
+             "actions.jsonl", "events.jsonl", "checkpoints", "report")
+"""What a run writes into its directory (``raymoe report`` adds ``report/``); ``checkpoints.earlier-N`` too."""
+
+
+def earlier_run(path: str | Path) -> list[str]:
+    """The names of an earlier run's files in ``path`` (empty when there are none)."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    return sorted(p.name for p in path.iterdir()
+                  if p.name in RUN_FILES or p.name.startswith("checkpoints.earlier-"))
+
+
+def check_fresh_run_dir(path: str | Path, *, overwrite: bool) -> None:
+    """A fresh run may not start in a directory that holds another run, unless told to (``overwrite``)."""
+    found = earlier_run(path)
+    if found and not overwrite:
+        raise ValueError(
+            f"run.out_dir {str(path)!r} already holds a run ({', '.join(found)}); continue it with "
+            f"`--resume {path}`, pick another --out, or pass --overwrite to start afresh there (the earlier run "
+            f"moves to {path}/earlier-N/, nothing is deleted)"
+        )
+
+
+def set_aside_run(path: str | Path) -> Path | None:
+    """Move an earlier run's files from ``path`` into ``path/earlier-N/`` (N = the first free number)."""
+    path = Path(path)
+    found = earlier_run(path)
+    if not found:
+        return None
+    n = 1
+    while (aside := path / f"earlier-{n}").exists():
+        n += 1
+    aside.mkdir()
+    for name in found:
+        os.replace(path / name, aside / name)
+    return aside
+
 
 class RunDir:
-    def __init__(self, path: str | Path, config: Config, *, resume_step: int | None = None) -> None:
+    def __init__(self, path: str | Path, config: Config, *, resume_step: int | None = None,
+                 overwrite: bool = False) -> None:
         """A new run directory, or with ``resume_step`` the continuation of the run saved there: its metrics of
         steps before ``resume_step`` are kept and new ones appended; records of later steps (logged after that
-        checkpoint was saved, and about to be trained again) move to ``metrics.superseded.jsonl``."""
+        checkpoint was saved, and about to be trained again) move to ``metrics.superseded.jsonl``. A new run
+        refuses a directory that holds another run unless ``overwrite`` (which sets the earlier run aside)."""
         self.path = Path(path)
+        if resume_step is None:
+            check_fresh_run_dir(self.path, overwrite=overwrite)
+            if (aside := set_aside_run(self.path)) is not None:
+                print(f"{self.path} held an earlier run: moved it to {aside}")
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "config.yaml").write_text(to_yaml(config))
         self.metrics_path = self.path / "metrics.jsonl"

@@ -12,10 +12,16 @@ from raymoe.config import Config
 from raymoe.train.run_dir import RunDir
 
 
+def checkpoint_root(config: Config, run_dir: Path) -> Path:
+    """``run.checkpoint_dir`` (relative to the current directory, like ``--out``), else ``RUN_DIR/checkpoints``."""
+    return Path(config.run.checkpoint_dir) if config.run.checkpoint_dir else Path(run_dir) / "checkpoints"
+
+
 def open_store(config: Config, run_dir: RunDir, *, fresh: bool) -> CheckpointStore:
-    """The run's checkpoint store (``run.checkpoint_dir``, else ``RUN_DIR/checkpoints``). A fresh run (not a
-    resume) first moves an earlier run's checkpoints aside, so that neither can be mistaken for the other's."""
-    store = CheckpointStore(config.run.checkpoint_dir or run_dir.path / "checkpoints", keep=config.run.keep_checkpoints)
+    """The run's checkpoint store (``checkpoint_root``). A fresh run (not a resume) first moves an earlier run's
+    checkpoints aside, so that neither can be mistaken for the other's (``RUN_DIR/checkpoints`` was already
+    set aside with the rest of an earlier run by ``RunDir``; this covers a ``run.checkpoint_dir`` elsewhere)."""
+    store = CheckpointStore(checkpoint_root(config, run_dir.path), keep=config.run.keep_checkpoints)
     if fresh and (aside := store.set_aside()) is not None:
         print(f"{store.root} held an earlier run's checkpoints: moved to {aside}")
     return store
