@@ -451,6 +451,3 @@ class Config:
     def micro_batch_size(self) -> int:
         return self.data.batch_size // (self.parallel.dp * self.schedule.num_microbatches)
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.data.batch_size * self.data.seq_len
