@@ -86,7 +86,7 @@ class HfDir:
             return self.shapes[key]
         if stacked := self._stacked(key):
             shape = self.shapes[stacked[0]]
-            return (shape[1] // 2, shape[2]) if stacked[1] else shape[1:]
+            return shape[1:] if stacked[1] is None else (shape[1] // 2, shape[2])
         return None
 
     def _stacked(self, key: str) -> tuple[str, int | None, int] | None:
