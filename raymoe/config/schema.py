@@ -279,11 +279,18 @@ class RunConfig:
     checkpoint_dir: str = ""
     """Where checkpoints go; empty means ``<out_dir>/checkpoints``. Every worker writes its own shard there, so
     on a multi-node cluster it must be storage all nodes share."""
+    eval_every: int = 0
+    """Evaluate loss / perplexity / bits per byte on ``eval_data`` every this many steps and after the last one,
+    into that step's metrics record (``eval_*``); 0 never (``raymoe eval`` evaluates afterwards)."""
+    eval_data: str = ""
+    """The dataset directory evaluated (e.g. a ``prepare-data --holdout`` split); empty = ``data.path``."""
+    eval_tokens: int = 16384
+    """Labels evaluated each time (consecutive windows from the dataset's start); 0 = the whole dataset."""
 
     def __post_init__(self) -> None:
         _positive("run", steps=self.steps, log_every=self.log_every, keep_checkpoints=self.keep_checkpoints)
         _non_negative("run", checkpoint_every=self.checkpoint_every, max_failures=self.max_failures,
-                      step_timeout_s=self.step_timeout_s)
+                      step_timeout_s=self.step_timeout_s, eval_every=self.eval_every, eval_tokens=self.eval_tokens)
 
 
 

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from raymoe.checkpoint import Manifest
 from raymoe.checkpoint.compat import check_steps
 from raymoe.config import Config
+from raymoe.evaluate import PeriodicEval
 from raymoe.train.metrics import check_finite
 from raymoe.train.reference import ReferenceTrainer
 from raymoe.train.run_dir import RunDir
@@ -26,6 +27,7 @@ def train_local(
     reshard: bool = False,
 ) -> list[dict]:
     trainer = ReferenceTrainer(config)
+    evals = PeriodicEval(config)
     if resume is not None:  # refused before anything is written if it does not continue this config
         check_steps(Manifest.read(Path(resume)), config.run.steps, source=str(resume))
         trainer.restore(Path(resume), reshard=reshard)
@@ -40,6 +42,7 @@ def train_local(
         with StopRequests() as stop:
             while trainer.step_index < config.run.steps:
                 record = trainer.step()
+                record.update(evals.after_step(trainer.step_index, trainer.model, trainer.routing_bias_RE))
                 run_dir.log(record)
                 check_finite(record, last_checkpoint=last_checkpoint)
                 bar.update(1)
