@@ -24,7 +24,7 @@ def test_ray_run_evaluates_every_k_steps_like_the_local_one(ray_session, tmp_pat
     local_evals = [r["eval_loss"] for r in local_records if "eval_loss" in r]
     assert len(ray_evals) == len(local_evals) == 2
     assert ray_evals == pytest.approx(local_evals, rel=1e-5)
-    assert not (tmp_path / "ray" / ".eval-scratch").exists()
+    assert not (tmp_path / "ray" / "checkpoints" / ".eval-scratch").exists()
     logged = [json.loads(line) for line in (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "eval_loss" in r] == [1, 3]
 

@@ -2,8 +2,8 @@
 
 The single-process trainer evaluates its live model. The Ray driver's weights live in its workers, which expose
 no forward outside the schedule, so it evaluates a checkpoint instead: at a due step the driver saves one into a
-scratch store under the run directory (the workers' ordinary shard save, ~0.2 s for ``small``), the shards are
-consolidated here, evaluated and deleted. Both give the same numbers for the same weights.
+scratch store ``.eval-scratch`` inside the checkpoint directory (storage every worker is known to see; the
+workers' ordinary shard save, ~0.2 s for ``small``), the shards are consolidated here, evaluated and deleted. Both give the same numbers for the same weights.
 
 The record gains ``eval_loss``, ``eval_perplexity``, ``eval_bits_per_byte``, ``eval_tokens``, ``eval_bytes``
 (metrics.jsonl; the Ray metrics exporter publishes record fields it knows by name).
@@ -53,7 +53,7 @@ class PeriodicEval:
         from raymoe.checkpoint.export import consolidate
         from raymoe.model import build_model
 
-        root = Path(run_dir) / ".eval-scratch"
+        root = Path(self.config.run.checkpoint_dir or Path(run_dir) / "checkpoints") / ".eval-scratch"
         try:
             path = driver.save_checkpoint(CheckpointStore(root, keep=1))
             tensors, manifest = consolidate(path)
