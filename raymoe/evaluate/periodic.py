@@ -3,7 +3,8 @@
 The single-process trainer evaluates its live model. The Ray driver's weights live in its workers, which expose
 no forward outside the schedule, so it evaluates a checkpoint instead: at a due step the driver saves one into a
 scratch store ``.eval-scratch`` inside the checkpoint directory (storage every worker is known to see; the
-workers' ordinary shard save, ~0.2 s for ``small``), the shards are consolidated here, evaluated and deleted. Both give the same numbers for the same weights.
+workers' ordinary shard save, ~0.2 s for ``small``), the shards are consolidated here, evaluated and deleted.
+Both give the same numbers for the same weights.
 
 The record gains ``eval_loss``, ``eval_perplexity``, ``eval_bits_per_byte``, ``eval_tokens``, ``eval_bytes``
 (metrics.jsonl; the Ray metrics exporter publishes record fields it knows by name).
