@@ -89,3 +89,15 @@ def test_yarn_or_half_split_rope_is_refused(tmp_path):
     config = load_config("debug", [*overrides_from_hf(hf), "data.seq_len=32", f"run.init_from={tmp_path / 'hf'}"])
     with pytest.raises(ValueError, match="rope_interleave"):
         ReferenceTrainer(config)
+
+
+def test_generate_continues_a_transformers_model_as_transformers_does(tmp_path):
+    from raymoe.generate import Generator, load_model
+
+    hf_model = _tiny_transformers_model(tmp_path / "hf")
+    loaded = load_model(tmp_path / "hf")  # no raymoe header: the config comes from config.json
+    assert loaded.config.model.dim == 48 and loaded.config.routing.route_scale == 2.5
+    prompt = [256, 100, 101, 102, 32]
+    ours = Generator(loaded.model).generate([prompt], 16)[0]
+    theirs = hf_model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt):]
+    assert ours == theirs.tolist()
