@@ -25,7 +25,7 @@ def _tiny_transformers_model(directory, *, stacked: bool = False):
         num_attention_heads=3, num_key_value_heads=3, n_shared_experts=2, n_routed_experts=8,
         routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, v_head_dim=12,
         qk_nope_head_dim=12, n_group=4, topk_group=2, num_experts_per_tok=4, first_k_dense_replace=1,
-        max_position_embeddings=64, num_mtp_layers=0)
+        max_position_embeddings=64, num_mtp_layers=0, bos_token_id=256, eos_token_id=257, pad_token_id=258)
     torch.manual_seed(3)
     model = transformers.DeepseekV3ForCausalLM(cfg).float().eval()
     with torch.no_grad():
