@@ -183,7 +183,7 @@ def test_launcher_defaults_follow_ray():
     assert cpu.max_workers == config["max_workers"]  # a type without its own cap has the cluster's
 
 
-@pytest.mark.parametrize("name", ["cpu_smoke.yaml", "gpu_pretrain.yaml"])
+@pytest.mark.parametrize("name", ["cpu_smoke.yaml", "cpu_ep.yaml", "gpu_pretrain.yaml"])
 def test_job_configs_are_layouts_the_runtime_accepts(name):
     from raymoe.runtime.driver import validate_layout
 

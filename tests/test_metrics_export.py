@@ -26,7 +26,7 @@ from raymoe.parallel.executor import ActionTiming
 from raymoe.runtime.metrics import MetricsExporter
 from raymoe.runtime.results import StepResult
 
-def result(rank, timings, state, master=0, extra=None):
+def result(rank, timings, state, master=0, dispatch=None):
     return StepResult(rank=rank, pp_rank=rank, dp_rank=0, step=0, main_ce=0.0, mtp_ce=0.0, balance=0.0,
                       num_loss_microbatches=1, counts_RE=torch.zeros(2, 4, dtype=torch.int64), grad_norm=1.0,
                       timings=tuple(ActionTiming(kind=k, stage=s, microbatch=m, start_s=a, end_s=b)
@@ -34,7 +34,7 @@ def result(rank, timings, state, master=0, extra=None):
                       timings_origin_s=0.0, step_s=0.5, compute_s=0.3, optimizer_s=0.01, recv_wait_s=0.0,
                       send_wait_s=0.0,
                       peak_live_activations=1, param_bytes=1024, optimizer_state_bytes=state,
-                      optimizer_master_bytes=master, peak_memory_bytes=1 << 20, extra=extra or {})
+                      optimizer_master_bytes=master, peak_memory_bytes=1 << 20, dispatch=dispatch or {})
 
 ray.init(address=sys.argv[1], log_to_driver=False)
 exporter = MetricsExporter("metrics-test", router_labels=["layer 1", "mtp 0"], actions_path=sys.argv[2])
@@ -42,7 +42,11 @@ for step in range(2):
     record = {"step": step, "loss": 5.0 - step, "mtp_loss": 5.5 - step, "tokens_per_s": 1000.0 + step,
               "step_time_s": 0.25, "lr": 1e-3, "grad_norm": 1.5, "tokens": 256, "max_vio_per_layer": [0.5, 0.25]}
     results = [result(0, [("F", 0, 0, 0.0, 0.1), ("B", 0, 0, 0.3, 0.5)], 4096, 1024),
-               result(1, [("F", 1, 0, 0.1, 0.2), ("B", 1, 0, 0.2, 0.3)], 2048, extra={"all_to_all_bytes": 512})]
+               result(1, [("F", 1, 0, 0.1, 0.2), ("B", 1, 0, 0.2, 0.3)], 2048,
+                      dispatch={"measured_same_node_bytes": 384, "measured_cross_node_bytes": 128, "seconds": 0.05,
+                                "rows_received": 96})]
+    record.update({"a2a_naive_bytes": 2048, "a2a_dedup_bytes": 1024, "a2a_measured_same_node_bytes": 384,
+                   "a2a_measured_cross_node_bytes": 128, "a2a_rows_received_max": 96, "a2a_rows_received_mean": 48})
     exporter.record(record, results)
 exporter.checkpoint(1.25, 4 << 20)
 exporter.recovery()
@@ -60,6 +64,10 @@ EXPECTED = {
     "ray_raymoe_pipeline_bubble_fraction": {"rank": "1"},
     "ray_raymoe_compute_time_s": {"rank": "0"},
     "ray_raymoe_all_to_all_bytes": {"rank": "0"},
+    "ray_raymoe_all_to_all_seconds": {"rank": "1"},
+    "ray_raymoe_tokens_received": {"rank": "1"},
+    "ray_raymoe_all_to_all_step_bytes": {"kind": "dedup"},
+    "ray_raymoe_all_to_all_tokens_received": {"stat": "max"},
     "ray_raymoe_zero_optimizer_bytes": {"rank": "0"},
     "ray_raymoe_param_bytes": {"rank": "0"},
     "ray_raymoe_peak_memory_bytes": {"rank": "1"},
@@ -143,6 +151,10 @@ def test_metrics_reach_the_prometheus_endpoint(tmp_path):
     assert _find(series, "ray_raymoe_zero_optimizer_bytes", {"rank": "0"}) == pytest.approx(4096 + 1024)
     assert _find(series, "ray_raymoe_all_to_all_bytes", {"rank": "0"}) == 0.0  # ep == 1: exported, zero
     assert _find(series, "ray_raymoe_all_to_all_bytes", {"rank": "1"}) == pytest.approx(512)
+    assert _find(series, "ray_raymoe_tokens_received", {"rank": "1"}) == pytest.approx(96)
+    assert _find(series, "ray_raymoe_all_to_all_step_bytes", {"kind": "naive"}) == pytest.approx(2048)
+    assert _find(series, "ray_raymoe_all_to_all_step_bytes", {"kind": "measured_cross_node"}) == pytest.approx(128)
+    assert _find(series, "ray_raymoe_all_to_all_tokens_received", {"stat": "mean"}) == pytest.approx(48)
     # rank 0 computes 0.1 + 0.2 s of a 0.5 s step; rank 1 0.2 s.
     assert _find(series, "ray_raymoe_pipeline_bubble_fraction", {"rank": "0"}) == pytest.approx(0.4)
     assert _find(series, "ray_raymoe_pipeline_bubble_fraction", {"rank": "1"}) == pytest.approx(0.6)

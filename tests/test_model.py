@@ -37,7 +37,7 @@ def test_routed_experts_match_a_per_token_loop():
     scores, ids, weights = moe.gate(x)
     fast = run_routed_experts(moe.experts, x, ids, weights)
     slow = torch.stack(
-        [sum(weights[t, j] * moe.experts[int(ids[t, j])](x[t]) for j in range(ids.shape[1])) for t in range(7)]
+        [sum(weights[t, j] * moe.experts[str(int(ids[t, j]))](x[t]) for j in range(ids.shape[1])) for t in range(7)]
     )
     assert torch.allclose(fast, slow, atol=1e-6)
 

@@ -197,7 +197,7 @@ def test_split_layers():
 
 def test_layout_errors_name_the_values():
     _, p = _params("debug")
-    with pytest.raises(ValueError, match=r"8 pipeline stages .*pp=8.* 4 layers"):
+    with pytest.raises(ValueError, match=r"pp=8.*cannot cut 4 layers into 8 pipeline chunks"):
         plan_memory(p, Layout(pp=8), BF16, num_routed_experts=8)
     with pytest.raises(ValueError, match=r"num_routed_experts \(8\) must be divisible by ep \(3\)"):
         plan_memory(p, Layout(ep=3, dp=3), BF16, num_routed_experts=8)
@@ -241,7 +241,7 @@ def test_cli_overrides_layout_and_text_output():
     bad = runner.invoke(plan, ["--preset", "debug", "--ep", "3", "--dp", "3"])
     assert bad.exit_code == 2 and "num_routed_experts (8) must be divisible by ep (3)" in bad.output
     bad = runner.invoke(plan, ["--preset", "debug", "--pp", "5"])
-    assert bad.exit_code == 2 and "exceed the model's 4 layers" in bad.output
+    assert bad.exit_code == 2 and "cannot cut 4 layers into 5 pipeline chunks" in bad.output
 
 
 def test_cli_reads_a_config_file(tmp_path):

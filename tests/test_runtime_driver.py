@@ -24,15 +24,16 @@ def test_odd_pp_for_dualpipe_is_refused():
         _config("parallel.pp=3", "schedule.name=dualpipe", "schedule.num_microbatches=6", "data.batch_size=12")
 
 
-def test_expert_parallelism_is_refused_by_the_driver():
-    config = _config("parallel.ep=2", "parallel.dp=2", "schedule.num_microbatches=2")
-    with pytest.raises(ValueError, match="parallel.ep=2: expert parallelism is not available in this runtime yet"):
-        Driver(config)
+def test_zero_stage_2_with_expert_parallelism_is_refused_when_the_config_loads():
+    with pytest.raises(ValueError, match="parallel.zero_stage=2 with parallel.ep=2: ZeRO-2 does not partition"):
+        _config("parallel.ep=2", "parallel.dp=2", "parallel.zero_stage=2", "schedule.num_microbatches=2")
 
 
 def test_zero_stage_2_is_refused_where_pipeline_ranks_share_parameters():
     """ZeRO-2 frees each backward pass's gradients; copies summed across pipeline ranks after the last backward
-    (DualPipe's mirror, the MTP embedding) would come too late."""
+    (DualPipe's mirror, the MTP embedding) would come too late. The rule lives in
+    ``raymoe.schedule.layout_rules``: the config refuses it as it loads (the driver applies it again for configs
+    built in code)."""
     with pytest.raises(ValueError, match="parallel.zero_stage=2 with schedule.name=dualpipe, parallel.pp=2: DualPipe "
                                          "keeps two copies .* use schedule.name=dualpipev"):
         Driver(_config("parallel.zero_stage=2", "parallel.pp=2", "parallel.dp=2", "schedule.name=dualpipe",

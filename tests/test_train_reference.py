@@ -1,6 +1,7 @@
 """The single-process reference trainer and the `train --engine local` command."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -137,4 +138,5 @@ def test_a_diverging_run_stops_with_the_step_named():
     result = CliRunner().invoke(main, ["train", "--preset", "debug", "--engine", "local", "--steps", "10",
                                        "optim.lr=1e4", "optim.grad_clip=0", "run.out_dir=/tmp/raymoe-test-nan"])
     assert result.exit_code == 1, result.output
-    assert "step 3: grad_norm=nan" in result.output and "training stopped before saving this state" in result.output
+    assert re.search(r"step \d+: grad_norm=nan", result.output), result.output
+    assert "training stopped before saving this state" in result.output

@@ -60,14 +60,13 @@ def _config(schedule: str, pp: int, steps: int):
 
 def measure(pp: int, steps: int) -> dict:
     """Run every schedule at ``pp`` on one worker group, alternating step by step."""
-    import ray
-
     from raymoe.parallel.topology import Topology
     from raymoe.runtime.driver import Driver
+    from raymoe.runtime.session import cluster_cpus
     from raymoe.runtime.worker_group import WorkerGroup
 
     # pp=4 on a 2-core machine: ask for a fraction of a CPU per worker (oversubscribed on purpose, see above).
-    cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / pp)
+    cpus = min(1.0, cluster_cpus() / pp)
     group = WorkerGroup(Topology(pp=pp), num_cpus_per_worker=cpus).start()
     drivers = {}
     try:
@@ -195,21 +194,15 @@ def markdown(results: dict) -> str:
 
 
 def run(out_dir: Path, *, quick: bool = False) -> dict:
-    import ray
-
-    from raymoe.runtime.launch import init_ray
+    from raymoe.runtime.session import ray_session
 
     steps = QUICK_STEPS if quick else STEPS
-    started = init_ray()
-    try:
+    with ray_session():
         layouts = []
         for pp in PIPELINES[:1] if quick else PIPELINES:
             layout = measure(pp, steps)
             layout["dualpipe_vs_1f1b"] = compare_dualpipe(layout)
             layouts.append(layout)
-    finally:
-        if started:
-            ray.shutdown()
     results = {"preset": PRESET, "steps": steps, "quick": quick, "machine": machine_load(), "layouts": layouts}
     results["markdown"] = markdown(results)
     out_dir = Path(out_dir)

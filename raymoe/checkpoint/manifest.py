@@ -51,6 +51,8 @@ class ShardEntry:
     file: str
     bytes: int
     sha256: str
+    expert_ids: list[int] = field(default_factory=list)
+    """Global ids of the routed experts in this shard (expert parallelism; empty: all of the rank's stage)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +67,8 @@ class Manifest:
     shards: list[ShardEntry]
     created_unix: float
     versions: dict = field(default_factory=dict)
+    expert_placement: list[int] = field(default_factory=list)
+    """Expert parallelism: the ep rank of every routed expert (global id -> ep rank); empty without EP."""
     format: str = FORMAT
     version: int = VERSION
 
@@ -96,7 +100,7 @@ class Manifest:
                 raise ValueError(f"{source}: shards[{i}].file {shard.file!r} must be a plain file name")
         if min(layout.pp, layout.ep, layout.dp) < 1:
             raise ValueError(f"{source}: layout {layout.describe()} needs pp, ep and dp >= 1")
-        workers = layout.pp * layout.ep * layout.dp
+        workers = layout.pp * layout.dp  # expert parallelism is carved out of dp: ep adds no workers
         ranks = sorted(s.rank for s in shards)
         if len(ranks) != workers or ranks != list(range(workers)):  # length first: never build a huge range
             raise ValueError(f"{source}: shard ranks {ranks[:8]} do not cover the {workers} workers of "
@@ -112,7 +116,7 @@ class Manifest:
             step=step, tokens_seen=tokens, data_cursor=_typed(data, "data_cursor", dict, source),
             routing_bias_RE=bias, config_yaml=_typed(data, "config_yaml", str, source), layout=layout,
             shards=shards, created_unix=float(_typed(data, "created_unix", (int, float), source)),
-            versions=_typed(data, "versions", dict, source),
+            versions=_typed(data, "versions", dict, source), expert_placement=_placement(data, layout, source),
         )
 
     @classmethod
@@ -125,6 +129,14 @@ class Manifest:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{str(path)!r} is not valid JSON (truncated or corrupt?): {exc}") from None
         return cls.from_dict(data, source=str(path))
+
+
+def _placement(data: dict, layout: Layout, source: str) -> list[int]:
+    placement = data.get("expert_placement", [])
+    _check_type(placement, list, "expert_placement", source)
+    if not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < layout.ep for r in placement):
+        raise ValueError(f"{source}: expert_placement must list an ep rank in 0..{layout.ep - 1} for every expert")
+    return placement
 
 
 def _typed(data: dict, key: str, kind, source: str):

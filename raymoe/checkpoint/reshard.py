@@ -78,7 +78,10 @@ def load_adamw_param_states(optimizer: torch.optim.Optimizer, names: list[str],
 
 # -- shards -> full per-parameter states -------------------------------------------------------------------------
 def state_slices(optimizer: dict, source: str) -> Iterator[tuple[str, int, int, ParamState]]:
-    """(name, param_start, numel, {step, flat moment slices}) for every piece of AdamW state in one shard."""
+    """(name, param_start, numel, {step, flat moment slices}) for every piece of AdamW state in one shard
+    (with expert parallelism, the expert shard's own state sits under ``experts``, named by global expert id)."""
+    if isinstance(optimizer, dict) and "experts" in optimizer:
+        yield from state_slices(optimizer["experts"], source)
     kind = optimizer.get("kind") if isinstance(optimizer, dict) else None
     adamw = optimizer.get("adamw", {}) if kind else {}
     state = adamw.get("state", {})

@@ -23,6 +23,8 @@ class RunState:
     cursor: dict
     """``raymoe.data.Cursor.to_dict()``: where the next batch comes from."""
     bias_RE: torch.Tensor
+    expert_placement: tuple[int, ...] = ()
+    """Expert parallelism: the ep rank of every routed expert (driver-owned routing state, like the biases)."""
 
 
 def local_layout(config) -> Layout:
@@ -39,6 +41,7 @@ def build_manifest(config, state: RunState, layout: Layout, shards: list[dict]) 
         routing_bias_RE=state.bias_RE.tolist(), config_yaml=to_yaml(config), layout=layout,
         shards=[ShardEntry(**s) for s in shards], created_unix=time.time(),
         versions={"raymoe": _version(), "torch": torch.__version__},
+        expert_placement=list(state.expert_placement),
     )
 
 
@@ -59,7 +62,8 @@ def read_run_state(checkpoint: Path, config, layout: Layout, num_routers: int, *
     if tuple(bias_RE.shape) != expected:
         raise ValueError(f"{checkpoint}: routing biases of shape {tuple(bias_RE.shape)}, the model has {expected}")
     cursor = Cursor.from_dict(manifest.data_cursor).to_dict()  # validated
-    return manifest, RunState(step=manifest.step, tokens_seen=manifest.tokens_seen, cursor=cursor, bias_RE=bias_RE)
+    return manifest, RunState(step=manifest.step, tokens_seen=manifest.tokens_seen, cursor=cursor, bias_RE=bias_RE,
+                              expert_placement=tuple(manifest.expert_placement))
 
 
 def _version() -> str:

@@ -19,11 +19,11 @@ from raymoe.cluster.launcher import (
     ClusterSpec,
     NodeType,
     cluster_from_launcher,
-    load_cluster,
     load_yaml,
     ray_schema_path,
     validate_cluster_config,
 )
+from raymoe.cluster.load import load_cluster
 
 __all__ = [
     "DEFAULT_CPUS_PER_WORKER",

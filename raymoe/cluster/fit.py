@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raymoe.cluster.bundles import DEFAULT_CPUS_PER_WORKER, placement_bundles, total_demand
-from raymoe.cluster.launcher import ClusterSpec, NodeType, load_cluster
+from raymoe.cluster.launcher import ClusterSpec, NodeType
+from raymoe.cluster.load import load_cluster
 from raymoe.config import Config
 
 _EPS = 1e-9

@@ -164,12 +164,3 @@ def cluster_from_launcher(config: Mapping, *, source: str = "cluster config") ->
     return ClusterSpec(name=str(config["cluster_name"]), source=source, node_types=tuple(node_types),
                        max_workers=global_max)
 
-
-def load_cluster(path: str | Path) -> ClusterSpec:
-    """A launcher YAML (``ray up`` file) or a KubeRay ``RayCluster``/``RayJob`` manifest, as a ``ClusterSpec``."""
-    data = load_yaml(path)
-    if data.get("apiVersion", "").startswith("ray.io/"):
-        from raymoe.cluster.kuberay import cluster_from_kuberay
-
-        return cluster_from_kuberay(data, source=str(path))
-    return cluster_from_launcher(data, source=str(path))

@@ -14,15 +14,20 @@ import click
 @click.option("--out", "out_dir", default="benchmarks/results", show_default=True, type=click.Path())
 @click.option("--only", multiple=True, help="Run only these benchmarks (repeatable).")
 @click.option("--quick", is_flag=True, help="Fewer steps: a smoke run of every benchmark.")
-def bench(out_dir: str, only: tuple[str, ...], quick: bool) -> None:
+@click.option("--tiny", is_flag=True, help="Toy shapes (the gpu benchmark only; automatic there without CUDA).")
+def bench(out_dir: str, only: tuple[str, ...], quick: bool, tiny: bool) -> None:
     """Run benchmarks; results go to OUT/<name>.json and OUT/SUMMARY.md."""
-    from raymoe.bench import BENCHMARKS
+    from raymoe.bench import BENCHMARKS, TINY_CAPABLE
     from raymoe.bench.load import machine_load
 
     unknown = sorted(set(only) - set(BENCHMARKS))
     if unknown:
         raise click.BadParameter(
             f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHMARKS)}", param_hint="--only"
+        )
+    if tiny and (not only or set(only) - TINY_CAPABLE):
+        raise click.BadParameter(
+            f"--tiny applies only to {sorted(TINY_CAPABLE)}; got --only {sorted(only) or 'all'}", param_hint="--tiny"
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -31,7 +36,8 @@ def bench(out_dir: str, only: tuple[str, ...], quick: bool) -> None:
             continue
         click.echo(f"== {name}")
         start = time.perf_counter()
-        summary = importlib.import_module(module_name).run(out, quick=quick)
+        options = {"tiny": True} if tiny else {}
+        summary = importlib.import_module(module_name).run(out, quick=quick, **options)
         summary = {**summary, "wall_s": time.perf_counter() - start, "load_at_start": machine_load()}
         (out / f"{name}.summary.json").write_text(json.dumps(summary, indent=2, default=str))
     write_summary(out)

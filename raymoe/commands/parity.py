@@ -11,7 +11,9 @@ import click
 @click.command()
 @click.option("--preset", default="debug", show_default=True, help="Config preset.")
 @click.option("--pp", type=int, default=2, show_default=True, help="Pipeline ranks.")
-@click.option("--dp", type=int, default=1, show_default=True, help="Data-parallel replicas (ZeRO over them).")
+@click.option("--dp", type=int, default=None, help="Data-parallel replicas (ZeRO over them; default: ep).")
+@click.option("--ep", type=int, default=1, show_default=True,
+              help="Expert-parallel ranks, carved out of dp (dp must be a multiple of ep).")
 @click.option("--schedule", "schedule_name", default="1f1b", show_default=True,
               help="gpipe, 1f1b, zb1p, dualpipe or dualpipev.")
 @click.option("--microbatches", type=int, default=None, help="Micro-batches per step (default: 2 * pp).")
@@ -21,7 +23,7 @@ import click
 @click.option("--address", default=None, help="Ray address ('auto' joins a running cluster; default: local).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.argument("overrides", nargs=-1)
-def parity(preset, pp, dp, schedule_name, microbatches, zero_stage, steps, address, as_json, overrides) -> None:
+def parity(preset, pp, dp, ep, schedule_name, microbatches, zero_stage, steps, address, as_json, overrides) -> None:
     """Check that a parallel layout computes what the single-process reference computes.
 
     Prints the loss difference and, over all parameter tensors, the largest relative difference
@@ -30,7 +32,8 @@ def parity(preset, pp, dp, schedule_name, microbatches, zero_stage, steps, addre
     from raymoe.config import load_config
 
     microbatches = microbatches or 2 * pp
-    extra = [f"parallel.pp={pp}", f"parallel.dp={dp}", f"schedule.name={schedule_name}",
+    dp = dp or ep
+    extra = [f"parallel.pp={pp}", f"parallel.dp={dp}", f"parallel.ep={ep}", f"schedule.name={schedule_name}",
              f"schedule.num_microbatches={microbatches}"]
     if zero_stage is not None:
         extra.append(f"parallel.zero_stage={zero_stage}")
@@ -42,26 +45,21 @@ def parity(preset, pp, dp, schedule_name, microbatches, zero_stage, steps, addre
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
 
-    import ray
-
-    from raymoe.runtime.launch import init_ray
     from raymoe.runtime.parity import run_parity
+    from raymoe.runtime.session import ray_session
 
     # A local Ray gets a logical CPU per worker: parity checks arithmetic, not speed, so oversubscribing is fine.
     workers = config.parallel.pp * config.parallel.dp
-    started = init_ray(address or config.run.ray_address, num_cpus=max(os.cpu_count() or 1, workers))
     try:
-        report = run_parity(config, steps=steps)
+        with ray_session(address or config.run.ray_address, num_cpus=max(os.cpu_count() or 1, workers)):
+            report = run_parity(config, steps=steps)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
-    finally:
-        if started:
-            ray.shutdown()
     data = report.to_dict()
     if as_json:
         click.echo(json.dumps(data))
         return
-    click.echo(f"layout: {report.schedule} pp={report.pp} dp={report.dp} zero={report.zero_stage} "
+    click.echo(f"layout: {report.schedule} pp={report.pp} ep={report.ep} dp={report.dp} zero={report.zero_stage} "
                f"microbatches={report.num_microbatches} steps={report.steps}")
     rows = [
         ("loss (ray / reference)", f"{report.loss:.8f} / {report.loss_ref:.8f}"),

@@ -168,6 +168,8 @@ class PrecisionConfig:
     """Run the GEMMs DeepSeek-V3 runs in FP8 (1x128 activation tiles, 128x128 weight blocks, E4M3)."""
     fp8_backend: str = "auto"
     fp8_power_of_two_scales: bool = False
+    fp8_dispatch: bool = False
+    """Expert parallelism: send tokens to their experts as E4M3 + 1x128 scales (the combine stays high precision)."""
     fp8_promotion_interval: int = 0
     """Emulate tensor-core limited-precision accumulation promoted to FP32 every N_C elements; 0 = exact FP32."""
     bf16_optimizer_states: bool = False
@@ -194,14 +196,20 @@ class ParallelConfig:
     device: str = "cpu"
     stage_layers: list[int] = field(default_factory=list)
     """Transformer layers per pipeline stage (uneven splits allowed); empty = as even as possible."""
+    cpus_per_worker: float = 1.0
+    """Ray CPUs each worker actor reserves; below 1 packs more workers than cores onto a machine (a laptop running
+    a pp x dp layout wider than its cores: correct, not fast)."""
 
     def __post_init__(self) -> None:
         _positive("parallel", pp=self.pp, ep=self.ep, dp=self.dp)
+        if not (isinstance(self.cpus_per_worker, (int, float)) and 0 < self.cpus_per_worker <= 1024):
+            raise ValueError(f"parallel.cpus_per_worker must be in (0, 1024], got {self.cpus_per_worker}")
         _one_of("parallel", "device", self.device, DEVICES)
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"parallel.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
-        if self.dp % self.ep:
-            raise ValueError(f"parallel.dp ({self.dp}) must be divisible by parallel.ep ({self.ep})")
+        from raymoe.schedule.layout_rules import check_ep_divides_dp
+
+        check_ep_divides_dp(self.ep, self.dp, prefix="parallel.")
 
     @property
     def world_size(self) -> int:
@@ -212,6 +220,10 @@ class ParallelConfig:
 class ScheduleConfig:
     name: str = "1f1b"
     num_microbatches: int = 1
+    overlap_a2a: bool = False
+    """Expert parallelism: in DualPipe's F&B pairs, run the forward and the backward chunk at the same time, so
+    each one's all-to-alls are in flight while the other computes (``raymoe.parallel.executor``). Bitwise the
+    same result as without."""
 
     def __post_init__(self) -> None:
         _one_of("schedule", "name", self.name, SCHEDULES)
@@ -352,18 +364,11 @@ class Config:
             validate_inputs(s.name, p.pp, s.num_microbatches)
         except ValueError as exc:
             raise ValueError(f"schedule.name={s.name}, parallel.pp={p.pp}: {exc}") from exc
-        num_stages = 2 * p.pp if s.name == "dualpipev" else p.pp
-        if p.stage_layers:
-            if len(p.stage_layers) != num_stages or sum(p.stage_layers) != m.num_layers or min(p.stage_layers) < 1:
-                raise ValueError(
-                    f"parallel.stage_layers {list(p.stage_layers)} must list {num_stages} positive layer counts "
-                    f"summing to model.num_layers ({m.num_layers})"
-                )
-        elif m.num_layers < num_stages:
-            raise ValueError(
-                f"model.num_layers ({m.num_layers}) is smaller than the {num_stages} pipeline stages of "
-                f"schedule {s.name} with pp={p.pp}"
-            )
+        from raymoe.schedule.layout_rules import check_zero_stage, layer_counts, num_chunks
+
+        layer_counts(m.num_layers, num_chunks(s.name, p.pp), p.stage_layers, key="parallel.stage_layers",
+                     layers_key="model.num_layers")
+        check_zero_stage(zero_stage=p.zero_stage, schedule=s.name, pp=p.pp, ep=p.ep, mtp_depth=self.mtp.depth)
 
     @property
     def micro_batch_size(self) -> int:

@@ -9,6 +9,7 @@ How FP8 training works here, in the order the pieces are used:
    ``torch._scaled_mm`` with block-wise scales; elsewhere it is emulated exactly (dequantize, multiply in float32),
    optionally with Hopper's ~14-bit accumulation and promotion every N_C elements to show why promotion matters.
 3. ``linear``: ``Fp8Linear`` runs Fprop, Dgrad and Wgrad all in FP8; outputs and master weights stay high precision.
+   ``fused``: on CUDA its quantizations run as ``torch.compile``d kernels (eager, and unchanged, on CPU).
 4. ``convert``: ``convert_linears(model)`` swaps the attention projections and MLP linears for ``Fp8Linear`` and
    leaves the embedding, head, gate, norms, attention core and MTP projection alone.
 5. ``optim``: ``Bf16MomentAdamW`` keeps AdamW's moments in BF16 next to float32 master weights.

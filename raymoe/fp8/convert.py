@@ -38,17 +38,24 @@ def convert_linears(
     backend: str = "auto",
     power_of_two_scales: bool = False,
     promotion_interval: int = 0,
+    fused_quantization: bool = True,
 ) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` for which ``filter(qualified_name, module)`` holds; return ``model``.
 
     ``filter`` defaults to ``default_filter``. ``backend``: ``auto`` (real FP8 kernels for CUDA inputs, emulation
     otherwise), ``emulate`` or ``scaled_mm``. ``promotion_interval`` (emulation only): 0 accumulates in exact
     float32; N_C > 0 emulates ~14-bit tensor-core accumulation promoted to float32 every N_C elements; -1 never
-    promotes. Linears that are already ``Fp8Linear`` are left alone, so converting twice is harmless.
+    promotes. ``fused_quantization`` (CUDA only): quantize through ``torch.compile``d kernels. Linears that are
+    already ``Fp8Linear`` are left alone, so converting twice is harmless.
     """
     if promotion_interval != NEVER_PROMOTE and promotion_interval < 0:
         raise ValueError(f"promotion_interval must be >= 0 or {NEVER_PROMOTE}, got {promotion_interval}")
-    recipe = Fp8Recipe(backend=backend, power_of_two_scales=power_of_two_scales, promotion_interval=promotion_interval)
+    recipe = Fp8Recipe(
+        backend=backend,
+        power_of_two_scales=power_of_two_scales,
+        promotion_interval=promotion_interval,
+        fused_quantization=fused_quantization,
+    )
     keep = filter if filter is not None else default_filter
     # Collect first: replacing children while named_modules() walks them would skip or revisit modules.
     targets = [

@@ -50,3 +50,20 @@ def dequantize_from_dispatch(
 def dispatch_bytes_per_token(dim: int) -> int:
     """Bytes one token occupies on the wire in FP8: payload plus its float32 tile scales."""
     return dim + 4 * -(-dim // TILE[1])
+
+
+class _FakeQuantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, power_of_two: bool) -> torch.Tensor:
+        payload, scales = quantize_for_dispatch(x_TD, power_of_two_scales=power_of_two)
+        return dequantize_from_dispatch(payload, scales, dtype=x_TD.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_TD: torch.Tensor):
+        return grad_TD, None  # the gradient travels back in high precision, straight through the rounding
+
+
+def fake_quantize_for_dispatch(x_TD: torch.Tensor, *, power_of_two_scales: bool = False) -> torch.Tensor:
+    """What a token looks like after an FP8 dispatch, without moving it: the one-rank twin of the FP8
+    all-to-all (the same per-token 1x128 tiles, so each row gets the same bits as through the exchange)."""
+    return _FakeQuantize.apply(x_TD, power_of_two_scales)

@@ -14,6 +14,9 @@ element instead of 2-4). Wgrad needs it tiled along T instead, so backward dequa
 it -- exactly the "1x128 -> 128x1" conversion the paper describes -- which adds a second (small) rounding. The
 weight's FP8 blocks are cached too and serve Dgrad transposed, since a 128x128 grid is its own transpose.
 
+The quantizations go through ``fused.py``: eager on CPU (this emulation, bitwise as before), ``torch.compile``d
+kernels on CUDA (``Fp8Recipe.fused_quantization``), with the Wgrad operands written already transposed.
+
 Legend: T = tokens (all leading dims of x flattened), K = in_features, N = out_features.
 """
 
@@ -24,8 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from raymoe.fp8.fused import quantize_activation, quantize_columns_t, quantize_weight, requantize_columns_t
 from raymoe.fp8.gemm import BACKENDS, HOPPER_ACCUM_MANTISSA_BITS, check_promotion_interval, fp8_matmul
-from raymoe.fp8.quant import BLOCK, COLUMN_TILE, TILE, Fp8Tensor, quantize
+from raymoe.fp8.quant import BLOCK, TILE, Fp8Tensor
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,6 +42,9 @@ class Fp8Recipe:
     promotion_interval: int = 0
     """Emulated tensor-core accumulation: 0 exact float32; N_C > 0 promote every N_C; -1 never promote."""
     mantissa_bits: int = HOPPER_ACCUM_MANTISSA_BITS
+    fused_quantization: bool = True
+    """CUDA only: run the 1x128 / 128x128 quantizations as ``torch.compile``d kernels (``fused.py``). CPU tensors
+    are always quantized eagerly, so the emulation does not depend on it."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -69,10 +76,10 @@ class Fp8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: Fp8Recipe) -> torch.Tensor:
-        pow2 = recipe.power_of_two_scales
+        pow2, fused = recipe.power_of_two_scales, recipe.fused_quantization
         x_TK = x.reshape(-1, x.shape[-1])
-        x_q = quantize(x_TK, TILE, power_of_two=pow2)
-        w_q = quantize(weight, BLOCK, power_of_two=pow2)
+        x_q = quantize_activation(x_TK, power_of_two=pow2, fused=fused)
+        w_q = quantize_weight(weight, power_of_two=pow2, fused=fused)
         y_TN = recipe.matmul(x_q, w_q, x.dtype)
         ctx.save_for_backward(x_q.data, x_q.scale, w_q.data, w_q.scale)
         ctx.recipe = recipe
@@ -89,18 +96,17 @@ class Fp8LinearFunction(torch.autograd.Function):
     def _backward(ctx, dy: torch.Tensor):
         x_data, x_scale, w_data, w_scale = ctx.saved_tensors
         recipe: Fp8Recipe = ctx.recipe
-        pow2 = recipe.power_of_two_scales
+        pow2, fused = recipe.power_of_two_scales, recipe.fused_quantization
         dy_TN = dy.reshape(-1, dy.shape[-1])
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dy_q = quantize(dy_TN, TILE, power_of_two=pow2)
+            dy_q = quantize_activation(dy_TN, power_of_two=pow2, fused=fused)
             w_KN = Fp8Tensor(w_data, w_scale, BLOCK).t()
             dx = recipe.matmul(dy_q, w_KN, ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             # Both operands tiled along T: 128x1 tiles of (T, .) are 1x128 tiles of the transpose.
-            dy_NT = quantize(dy_TN, COLUMN_TILE, power_of_two=pow2).t()
-            x_TK = Fp8Tensor(x_data, x_scale, TILE).dequantize()
-            x_KT = quantize(x_TK, COLUMN_TILE, power_of_two=pow2).t()
+            dy_NT = quantize_columns_t(dy_TN, power_of_two=pow2, fused=fused)
+            x_KT = requantize_columns_t(Fp8Tensor(x_data, x_scale, TILE), power_of_two=pow2, fused=fused)
             dw = recipe.matmul(dy_NT, x_KT, ctx.w_dtype)
         return dx, dw, None
 

@@ -108,6 +108,13 @@ def _group_amax(x_GbGb: torch.Tensor) -> torch.Tensor:
 
 def quantize(x_RC: torch.Tensor, block: tuple[int, int], *, power_of_two: bool = False) -> Fp8Tensor:
     """Quantize a 2-D tensor to E4M3 with one scale per ``block`` group (online amax, no history)."""
+    return Fp8Tensor(*quantize_payload(x_RC, block, power_of_two=power_of_two), block)
+
+
+def quantize_payload(
+    x_RC: torch.Tensor, block: tuple[int, int], *, power_of_two: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize`` as plain tensors (payload, scales): the form ``torch.compile`` traces (see ``fused.py``)."""
     _check_2d_float(x_RC, "the tensor to quantize")
     if block[0] < 1 or block[1] < 1:
         raise ValueError(f"block sizes must be >= 1, got {block}")
@@ -119,7 +126,7 @@ def quantize(x_RC: torch.Tensor, block: tuple[int, int], *, power_of_two: bool =
     q_GbGb = (x_GbGb / scale).to(FP8_DTYPE)
     g_r, b_r, g_c, b_c = q_GbGb.shape
     data = q_GbGb.reshape(g_r * b_r, g_c * b_c)[:rows, :cols]
-    return Fp8Tensor(data, scale[:, 0, :, 0].contiguous(), block)
+    return data, scale[:, 0, :, 0].contiguous()
 
 
 def dequantize(q: Fp8Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Single-device DeepSeek-V3 math. Never reads a rank, never calls a collective."""
 
 from raymoe.model.block import Block
-from raymoe.model.build import build_model, init_weights
+from raymoe.model.build import build_model, materialize, parameter_seed
 from raymoe.model.layers import MLP, RMSNorm, Rope, apply_rope
 from raymoe.model.mla import MLA
 from raymoe.model.moe import Gate, MoE, RouterStats, run_routed_experts
@@ -29,7 +29,8 @@ __all__ = [
     "Transformer",
     "apply_rope",
     "build_model",
-    "init_weights",
+    "materialize",
+    "parameter_seed",
     "output_losses",
     "positions_trained",
     "router_slots",

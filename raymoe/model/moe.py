@@ -9,6 +9,7 @@ written through ``Transformer.set_routing_biases`` each step and never learned. 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymoe.config import ModelConfig, RoutingConfig
+from raymoe.model.dispatch import LocalDispatcher, TokenDispatcher, run_local_experts
 from raymoe.model.layers import MLP
 from raymoe.routing import affinity_scores, expert_counts, select_experts, sequence_balance_loss
 
@@ -56,38 +58,38 @@ class Gate(nn.Module):
 
 
 def run_routed_experts(
-    experts: nn.ModuleList,
+    experts: nn.ModuleDict,
     x_ND: torch.Tensor,
     topk_ids_NK: torch.Tensor,
     weights_NK: torch.Tensor,
-    counts_E: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Local (single-device) dispatch: sort token copies by expert, run each expert once, combine.
-
-    Every expert runs, even on zero tokens, so every expert parameter gets a (zero) gradient: optimizers and
-    ZeRO then see the same set of gradients on every step.
-    """
-    top_k = topk_ids_NK.shape[1]
-    flat_ids = topk_ids_NK.flatten()
-    order = flat_ids.argsort(stable=True)
-    if counts_E is None:
-        counts_E = expert_counts(topk_ids_NK, len(experts))
-    counts = counts_E.tolist()
-    token_of_copy = order // top_k
-    x_sorted = x_ND[token_of_copy]
-    outputs = [expert(chunk) for expert, chunk in zip(experts, x_sorted.split(counts))]
-    y_sorted = torch.cat(outputs) * weights_NK.flatten()[order].unsqueeze(1).to(x_ND.dtype)
-    return torch.zeros_like(x_ND).index_add_(0, token_of_copy, y_sorted)
+    """Single-device dispatch: every expert of ``experts`` (keyed by global id) is here; see ``run_local_experts``."""
+    return run_local_experts(experts, x_ND, topk_ids_NK, weights_NK)
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, routing: RoutingConfig, slot: int) -> None:
+    """Gate, the routed experts this rank holds (all of them on one device), shared expert(s).
+
+    ``expert_ids``: the global ids of the routed experts built here (default: all). The experts live in a
+    ``ModuleDict`` keyed by global id, so a rank holding experts 8..15 names them ``experts.8`` .. ``experts.15``,
+    exactly as the full model does: checkpoints, exports and parity compare parameters by the same names whatever
+    the expert-parallel size. Tokens reach the experts through ``self.dispatcher`` (a ``TokenDispatcher``): the
+    local twin here, the all-to-all one when ``raymoe.parallel`` installs it.
+    """
+
+    def __init__(self, cfg: ModelConfig, routing: RoutingConfig, slot: int,
+                 expert_ids: Sequence[int] | None = None) -> None:
         super().__init__()
         self.alpha = routing.seq_aux_alpha
         self.num_experts = cfg.num_routed_experts
         self.gate = Gate(cfg.dim, cfg.num_routed_experts, routing, slot)
-        self.experts = nn.ModuleList(MLP(cfg.dim, cfg.moe_inter_dim) for _ in range(cfg.num_routed_experts))
+        ids = range(cfg.num_routed_experts) if expert_ids is None else sorted(expert_ids)
+        self.experts = nn.ModuleDict({str(e): MLP(cfg.dim, cfg.moe_inter_dim) for e in ids})
         self.shared = MLP(cfg.dim, cfg.num_shared_experts * cfg.moe_inter_dim) if cfg.num_shared_experts else None
+        self.dispatcher: TokenDispatcher = LocalDispatcher()
+        self.expert_backend = "auto"
+        """How the routed experts run (``raymoe.model.dispatch.run_local_experts``): grouped GEMMs for BF16 on
+        CUDA, one expert after another elsewhere; ``loop`` or ``grouped_mm`` force one."""
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         batch, seq_len, dim = x_BTD.shape
@@ -97,8 +99,17 @@ class MoE(nn.Module):
             scores_NE.view(batch, seq_len, -1), topk_ids_NK.view(batch, seq_len, -1), alpha=self.alpha
         )
         counts_E = expert_counts(topk_ids_NK, self.num_experts)
-        y_ND = run_routed_experts(self.experts, x_ND, topk_ids_NK, weights_NK, counts_E)
+        slot = self.gate.slot
+        x_RD, ids_RK, weights_RK, plan = self.dispatcher.dispatch(x_ND, topk_ids_NK, weights_NK, layer=slot)
+        y_RD = run_local_experts(self.experts, x_RD, ids_RK, weights_RK, plan.recv_counts,
+                                 backend=self.expert_backend)
+        y_ND = self.dispatcher.combine(y_RD, plan, layer=slot, out_dtype=x_ND.dtype)
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)
-        stats = RouterStats(self.gate.slot, counts_E, balance_loss)
+        stats = RouterStats(slot, counts_E, balance_loss)
         return y_ND.view(batch, seq_len, dim), stats
+
+
+def is_expert_parameter(name: str) -> bool:
+    """Whether a parameter (by its model name) belongs to a routed expert: sharded over ep, reduced over edp."""
+    return ".experts." in name or name.startswith("experts.")

@@ -10,6 +10,8 @@ parameters are two input norms, the projection, a transformer block and its fina
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -20,12 +22,13 @@ from raymoe.model.moe import RouterStats
 
 
 class MTPModule(nn.Module):
-    def __init__(self, cfg: ModelConfig, routing: RoutingConfig, *, moe_slot: int) -> None:
+    def __init__(self, cfg: ModelConfig, routing: RoutingConfig, *, moe_slot: int,
+                 expert_ids: Sequence[int] | None = None) -> None:
         super().__init__()
         self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
-        self.block = Block(cfg, routing, moe_slot=moe_slot)
+        self.block = Block(cfg, routing, moe_slot=moe_slot, expert_ids=expert_ids)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(

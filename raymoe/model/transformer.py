@@ -12,6 +12,7 @@ runs only its slice of them; ``forward`` composes them for the single-process re
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -49,16 +50,22 @@ class ModelOutput:
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, routing: RoutingConfig, mtp: MtpConfig) -> None:
+    def __init__(self, cfg: ModelConfig, routing: RoutingConfig, mtp: MtpConfig,
+                 expert_ids: Sequence[int] | None = None) -> None:
+        """``expert_ids``: the routed experts (global ids) every MoE layer builds; default all (one device)."""
         super().__init__()
         self.cfg = cfg
         self.mtp_depth = mtp.depth
         slots = {layer_id: row for row, layer_id in enumerate(router_slots(cfg, mtp.depth))}
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, routing, moe_slot=slots.get(i)) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            Block(cfg, routing, moe_slot=slots.get(i), expert_ids=expert_ids) for i in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.mtp = nn.ModuleList(MTPModule(cfg, routing, moe_slot=slots[cfg.num_layers + k]) for k in range(mtp.depth))
+        self.mtp = nn.ModuleList(
+            MTPModule(cfg, routing, moe_slot=slots[cfg.num_layers + k], expert_ids=expert_ids) for k in range(mtp.depth)
+        )
         self.rope = Rope(cfg.qk_rope_head_dim, cfg.max_seq_len, cfg.rope_theta)
 
     # -- pieces a pipeline stage runs -------------------------------------------------------------------------

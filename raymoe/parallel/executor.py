@@ -9,8 +9,12 @@ The schedule (``raymoe.schedule``) decides *what* runs *when*; this module only 
     B   full backward: gradient w.r.t. the stage input and the weights
     I   backward for the input only; the weight half is queued in this executor's weight-gradient queue ...
     W   ... and computed when the W of the same (stage, micro-batch) comes
-    FB  DualPipe's overlapped pair: run here as its forward, then its backward (the contract allows it; on CPU
-        there is no second stream to overlap them on)
+    FB  DualPipe's overlapped pair: its forward, then its backward; with ``overlap`` (``schedule.overlap_a2a``)
+        both at once, the forward on a second thread, so each chunk's expert all-to-alls are in flight while the
+        other chunk computes. Forward exchanges go over the ep group, backward ones over its twin
+        (``ProcessGroups.ep_backward``), so each group sees its collectives in the action list's order on every
+        rank whatever the threads' timing: no race picks the order. The arithmetic of each micro-batch is the
+        same, so the result is bitwise the sequential one (tested).
     SEND_* / RECV_*   a maximal run of them is one posted batch (``p2p.py``)
 
 A receive is waited for right before the compute that consumes it, sends at the end of the step. Where two
@@ -32,6 +36,8 @@ which ZeRO-2 reduces and partitions each pass's gradients (``raymoe.zero``).
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +47,7 @@ import torch
 from raymoe.parallel.p2p import Transfer, Transport, Work, transfer_tag
 from raymoe.parallel.stage_plan import PipelineStage
 from raymoe.parallel.weight_grad import WeightGradStore, defer_weight_grads
-from raymoe.schedule import Action, Kind, Placement
+from raymoe.schedule import Action, Kind, Placement, peer_rank
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +83,60 @@ class StepOutcome:
 
 
 @dataclass
+class LossTally:
+    """The loss terms and expert counts of one step on one rank: bookkeeping beside the interpreter, not in it.
+    Accumulated on the device: reading a scalar back per micro-batch would synchronise a GPU each time."""
+
+    num_microbatches: int
+    counts_RE: torch.Tensor
+    main: torch.Tensor
+    mtp: torch.Tensor
+    balance: torch.Tensor
+    loss_microbatches: int = 0
+
+    @classmethod
+    def zeros(cls, num_microbatches: int, num_routers: int, num_experts: int, device: torch.device) -> LossTally:
+        def zero() -> torch.Tensor:
+            return torch.zeros((), dtype=torch.float64, device=device)
+
+        counts = torch.zeros(num_routers, num_experts, dtype=torch.int64, device=device)
+        return cls(num_microbatches=num_microbatches, counts_RE=counts, main=zero(), mtp=zero(), balance=zero())
+
+    def add(self, out) -> None:
+        """One chunk's forward (``raymoe.parallel.stage_plan.ChunkOutput``), weighted 1/M like its backward."""
+        scale = 1.0 / self.num_microbatches
+        for stats in out.router_stats:
+            self.counts_RE[stats.slot] += stats.counts_E
+        self.balance += out.balance.double() * scale
+        if out.hidden_BTD is None:
+            self.main += out.main_ce.double() * scale
+            self.mtp += out.mtp_ce.double() * scale
+            self.loss_microbatches += 1
+
+
+@dataclass
+class _StepState:
+    """Everything one ``Executor.run`` creates and drops: hand-overs, pending transfers, timings."""
+
+    tokens: Mapping[int, torch.Tensor]
+    mtp_weight: float
+    tally: LossTally
+    t0: float = field(default_factory=time.perf_counter)
+    inputs: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    """Local hand-over of activations (stage, micro-batch) -> tensor."""
+    grads: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    """Local hand-over of output gradients."""
+    saved: dict[tuple[int, int], _Saved] = field(default_factory=dict)
+    to_send: dict[tuple[Kind, int, int], torch.Tensor] = field(default_factory=dict)
+    received: dict[tuple[Kind, int, int], tuple[Work, torch.Tensor]] = field(default_factory=dict)
+    sends: list[tuple[Work, torch.Tensor]] = field(default_factory=list)
+    timings: list[ActionTiming] = field(default_factory=list)
+    recv_wait: float = 0.0
+    send_wait: float = 0.0
+    peak_live: int = 0
+
+
+@dataclass
 class _Saved:
     """A forward waiting for its backward: the input leaf and the tensors to backpropagate from."""
 
@@ -104,7 +164,11 @@ class Executor:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         after_backward: Callable[[], None] | None = None,
+        overlap: bool = False,
+        compute_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
+        """``compute_context``: what the step runs under (bf16 autocast), entered again by the overlap thread
+        (autocast state is per thread)."""
         self.stage = stage
         self.placement = placement
         self.pipeline_rank = pipeline_rank
@@ -124,12 +188,16 @@ class Executor:
             raise ValueError(f"placement puts chunks {missing} on rank {pipeline_rank}, the stage holds {stage.chunks}")
         self.weight_grads = WeightGradStore()
         self._deferring = False
+        self._step: _StepState | None = None
         self._after_backward = after_backward or (lambda: None)
+        self.overlap = overlap
+        self._compute_context = compute_context
 
     # -- one step ------------------------------------------------------------------------------------------------
     def run(self, actions: Sequence[Action], tokens: Mapping[int, torch.Tensor], mtp_weight: float) -> StepOutcome:
         """Execute ``actions`` in order; ``tokens[m]`` is micro-batch m for this rank's first and last stages."""
-        self._reset(tokens, mtp_weight)
+        tally = LossTally.zeros(self.num_microbatches, self.num_routers, self.num_experts, self.device)
+        self._step = _StepState(tokens=tokens, mtp_weight=mtp_weight, tally=tally)
         if not self._deferring and any(a.kind is Kind.I for a in actions):
             defer_weight_grads(self.stage, self.weight_grads)
             self._deferring = True
@@ -146,27 +214,6 @@ class Executor:
         self._check_drained()
         return self._outcome()
 
-    def _reset(self, tokens: Mapping[int, torch.Tensor], mtp_weight: float) -> None:
-        self._tokens = tokens
-        self._mtp_weight = mtp_weight
-        self._t0 = time.perf_counter()
-        self._inputs: dict[tuple[int, int], torch.Tensor] = {}  # local hand-over of activations
-        self._grads: dict[tuple[int, int], torch.Tensor] = {}  # local hand-over of output gradients
-        self._saved: dict[tuple[int, int], _Saved] = {}
-        self._to_send: dict[tuple[Kind, int, int], torch.Tensor] = {}
-        self._received: dict[tuple[Kind, int, int], tuple[Work, torch.Tensor]] = {}
-        self._sends: list[tuple[Work, torch.Tensor]] = []
-        self._timings: list[ActionTiming] = []
-        self._recv_wait = 0.0
-        self._send_wait = 0.0
-        self._peak_live = 0
-        # accumulated on the device: reading a scalar back per micro-batch would synchronise a GPU each time
-        self._main = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._mtp = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._balance = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._loss_microbatches = 0
-        self._counts_RE = torch.zeros(self.num_routers, self.num_experts, dtype=torch.int64, device=self.device)
-
     # -- communication -------------------------------------------------------------------------------------------
     def _post(self, batch: list[Action]) -> None:
         if not batch:
@@ -175,20 +222,19 @@ class Executor:
         works = self.transport.post(transfers)
         for action, transfer, work in zip(batch, transfers, works):
             if transfer.send:
-                self._sends.append((work, transfer.tensor))
+                self._step.sends.append((work, transfer.tensor))
             else:
-                self._received[action.kind, action.stage, action.microbatch] = (work, transfer.tensor)
+                self._step.received[action.kind, action.stage, action.microbatch] = (work, transfer.tensor)
 
     def _transfer(self, action: Action) -> Transfer:
         info = self.placement.info(action.stage)
         forward = action.kind in (Kind.SEND_F, Kind.RECV_F)
-        neighbour = info.next_stage if action.kind in (Kind.SEND_F, Kind.RECV_B) else info.prev_stage
         upstream = action.stage if action.kind in (Kind.SEND_F, Kind.RECV_B) else info.prev_stage
         tag = transfer_tag(upstream_stage=upstream, microbatch=action.microbatch, backward=not forward,
                            num_stages=self.placement.num_stages)
-        peer = self.global_rank_of[self.placement.rank_of(neighbour)]
+        peer = self.global_rank_of[peer_rank(action, self.placement)]  # the schedule's own pairing rule
         if action.kind.is_send:
-            tensor = self._to_send.pop((action.kind, action.stage, action.microbatch), None)
+            tensor = self._step.to_send.pop((action.kind, action.stage, action.microbatch), None)
             if tensor is None:
                 raise RuntimeError(f"rank {self.pipeline_rank}: {action} before the compute that produces it")
             return Transfer(send=True, tensor=tensor, peer=peer, tag=tag)
@@ -196,29 +242,29 @@ class Executor:
         return Transfer(send=False, tensor=buffer, peer=peer, tag=tag)
 
     def _take_received(self, kind: Kind, stage: int, microbatch: int) -> torch.Tensor:
-        entry = self._received.pop((kind, stage, microbatch), None)
+        entry = self._step.received.pop((kind, stage, microbatch), None)
         if entry is None:
             raise RuntimeError(f"rank {self.pipeline_rank}: no {kind.value} of stage {stage}, micro-batch "
                                f"{microbatch} was posted before the compute that needs it")
         work, buffer = entry
         start = time.perf_counter()
         work.wait()
-        self._recv_wait += time.perf_counter() - start
+        self._step.recv_wait += time.perf_counter() - start
         return buffer
 
     def _finish_sends(self) -> None:
         start = time.perf_counter()
-        for work, _ in self._sends:
+        for work, _ in self._step.sends:
             work.wait()
-        self._sends.clear()
-        self._send_wait += time.perf_counter() - start
+        self._step.sends.clear()
+        self._step.send_wait += time.perf_counter() - start
 
     # -- compute -------------------------------------------------------------------------------------------------
     def _compute(self, action: Action) -> None:
         if action.kind is Kind.FB:
             forward, backward = action.parts()
-            self._timed(action, lambda: (self._forward(forward), self._backward(backward, split=False)),
-                        inputs=[forward, backward])
+            run = self._overlapped if self.overlap else self._in_turn
+            self._timed(action, lambda: run(forward, backward), inputs=[forward, backward])
         elif action.kind is Kind.F:
             self._timed(action, lambda: self._forward(action), inputs=[action])
         elif action.kind is Kind.B:
@@ -233,58 +279,78 @@ class Executor:
     def _timed(self, action: Action, run: Callable[[], object], *, inputs: list[Action]) -> None:
         for part in inputs:  # wait for received inputs first, so that timings are compute only
             self._fetch_input(part)
-        start = time.perf_counter() - self._t0
+        start = time.perf_counter() - self._step.t0
         run()
-        self._timings.append(ActionTiming(kind=action.kind.value, stage=action.stage, microbatch=action.microbatch,
-                                          start_s=start, end_s=time.perf_counter() - self._t0))
+        self._step.timings.append(ActionTiming(kind=action.kind.value, stage=action.stage, microbatch=action.microbatch,
+                                          start_s=start, end_s=time.perf_counter() - self._step.t0))
 
     def _fetch_input(self, part: Action) -> None:
         """Move a received activation / output gradient into the local hand-over maps."""
         info = self.placement.info(part.stage)
         key = (part.stage, part.microbatch)
-        if part.kind is Kind.F and info.prev_stage is not None and key not in self._inputs:
-            self._inputs[key] = self._take_received(Kind.RECV_F, *key)
-        if part.kind in (Kind.B, Kind.I) and info.next_stage is not None and key not in self._grads:
-            self._grads[key] = self._take_received(Kind.RECV_B, *key)
+        if part.kind is Kind.F and info.prev_stage is not None and key not in self._step.inputs:
+            self._step.inputs[key] = self._take_received(Kind.RECV_F, *key)
+        if part.kind in (Kind.B, Kind.I) and info.next_stage is not None and key not in self._step.grads:
+            self._step.grads[key] = self._take_received(Kind.RECV_B, *key)
 
     def _local(self, stage: int | None) -> bool:
         return stage is not None and self.placement.rank_of(stage) == self.pipeline_rank
+
+    def _in_turn(self, forward: Action, backward: Action) -> None:
+        self._forward(forward)
+        self._backward(backward, split=False)
+
+    def _overlapped(self, forward: Action, backward: Action) -> None:
+        """The F&B pair's two chunks at once: the forward on a thread, the backward here. They touch different
+        micro-batches; the backward alone writes gradients, so every sum runs in its usual order."""
+        failure: list[BaseException] = []
+
+        def run_forward() -> None:
+            try:
+                with self._compute_context():
+                    self._forward(forward)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the executor's thread below
+                failure.append(exc)
+
+        thread = threading.Thread(target=run_forward, name=f"fb-forward-{forward.stage}-{forward.microbatch}")
+        thread.start()
+        try:
+            self._backward(backward, split=False)
+        finally:
+            thread.join()
+        if failure:
+            raise failure[0]
 
     def _forward(self, action: Action) -> None:
         info = self.placement.info(action.stage)
         key = (action.stage, action.microbatch)
         x_BTD = None
         if info.prev_stage is not None:
-            x_BTD = self._inputs.pop(key).requires_grad_()
+            x_BTD = self._step.inputs.pop(key).requires_grad_()
         needs_tokens = info.prev_stage is None or info.next_stage is None
-        tokens_BL = self._tokens[action.microbatch] if needs_tokens else None
-        out = self.stage.forward_chunk(info.chunk, x_BTD, tokens_BL, self._mtp_weight)
+        tokens_BL = self._step.tokens[action.microbatch] if needs_tokens else None
+        out = self.stage.forward_chunk(info.chunk, x_BTD, tokens_BL, self._step.mtp_weight)
 
+        self._step.tally.add(out)
         scale = 1.0 / self.num_microbatches
-        for stats in out.router_stats:
-            self._counts_RE[stats.slot] += stats.counts_E
-        self._balance += out.balance.double() * scale
         if out.hidden_BTD is None:
-            self._main += out.main_ce.double() * scale
-            self._mtp += out.mtp_ce.double() * scale
-            self._loss_microbatches += 1
             tensors, grads = [out.objective], [torch.tensor(scale, device=out.objective.device)]
         else:
             tensors = [out.hidden_BTD, out.objective]
             grads = [None, torch.tensor(scale, device=out.objective.device)]
             if self._local(info.next_stage):
-                self._inputs[(info.next_stage, action.microbatch)] = out.hidden_BTD.detach()
+                self._step.inputs[(info.next_stage, action.microbatch)] = out.hidden_BTD.detach()
             else:
-                self._to_send[(Kind.SEND_F, *key)] = out.hidden_BTD.detach().contiguous()
+                self._step.to_send[(Kind.SEND_F, *key)] = out.hidden_BTD.detach().contiguous()
         keep = [i for i, t in enumerate(tensors) if t.requires_grad]
-        self._saved[key] = _Saved(x_BTD, [tensors[i] for i in keep], [grads[i] for i in keep])
-        self._peak_live = max(self._peak_live, len(self._saved))
+        self._step.saved[key] = _Saved(x_BTD, [tensors[i] for i in keep], [grads[i] for i in keep])
+        self._step.peak_live = max(self._step.peak_live, len(self._step.saved))
 
     def _backward(self, action: Action, *, split: bool) -> None:
         info = self.placement.info(action.stage)
         key = (action.stage, action.microbatch)
-        saved = self._saved.pop(key)
-        grads = [self._grads.pop(key) if g is None else g for g in saved.grads]
+        saved = self._step.saved.pop(key)
+        grads = [self._step.grads.pop(key) if g is None else g for g in saved.grads]
         if split:
             with self.weight_grads.capture(key):
                 torch.autograd.backward(saved.tensors, grads)
@@ -295,9 +361,9 @@ class Executor:
             return
         dx_BTD = saved.x_BTD.grad
         if self._local(info.prev_stage):
-            self._grads[(info.prev_stage, action.microbatch)] = dx_BTD
+            self._step.grads[(info.prev_stage, action.microbatch)] = dx_BTD
         else:
-            self._to_send[(Kind.SEND_B, *key)] = dx_BTD.contiguous()
+            self._step.to_send[(Kind.SEND_B, *key)] = dx_BTD.contiguous()
 
     def _weight_grad(self, action: Action) -> None:
         try:
@@ -310,11 +376,11 @@ class Executor:
     # -- end of step ---------------------------------------------------------------------------------------------
     def _check_drained(self) -> None:
         leftovers = {
-            "forwards without backward": sorted(self._saved),
+            "forwards without backward": sorted(self._step.saved),
             "queued weight gradients": self.weight_grads.pending(),
-            "unsent tensors": sorted((k.value, s, m) for k, s, m in self._to_send),
-            "unused receives": sorted((k.value, s, m) for k, s, m in self._received),
-            "unused hand-overs": sorted(self._inputs) + sorted(self._grads),
+            "unsent tensors": sorted((k.value, s, m) for k, s, m in self._step.to_send),
+            "unused receives": sorted((k.value, s, m) for k, s, m in self._step.received),
+            "unused hand-overs": sorted(self._step.inputs) + sorted(self._step.grads),
         }
         leftovers = {k: v for k, v in leftovers.items() if v}
         if leftovers:
@@ -322,15 +388,16 @@ class Executor:
             raise RuntimeError(f"rank {self.pipeline_rank}: the action list left work undone: {leftovers}")
 
     def _outcome(self) -> StepOutcome:
+        step, tally = self._step, self._step.tally
         return StepOutcome(
-            main_ce=float(self._main),
-            mtp_ce=float(self._mtp),
-            balance=float(self._balance),
-            num_loss_microbatches=self._loss_microbatches,
-            counts_RE=self._counts_RE.cpu(),
-            timings=self._timings,
-            origin_s=self._t0,
-            recv_wait_s=self._recv_wait,
-            send_wait_s=self._send_wait,
-            peak_live_activations=self._peak_live,
+            main_ce=float(tally.main),
+            mtp_ce=float(tally.mtp),
+            balance=float(tally.balance),
+            num_loss_microbatches=tally.loss_microbatches,
+            counts_RE=tally.counts_RE.cpu(),
+            timings=step.timings,
+            origin_s=step.t0,
+            recv_wait_s=step.recv_wait,
+            send_wait_s=step.send_wait,
+            peak_live_activations=step.peak_live,
         )

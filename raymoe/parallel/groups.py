@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from raymoe.parallel.topology import Topology
 
-_KINDS = ("pp", "dp", "ep", "edp", "embedding", "mirror")
+_KINDS = ("pp", "dp", "ep", "ep_backward", "edp", "embedding", "mirror")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,13 +27,13 @@ class ProcessGroups:
     pp: Any = None
     dp: Any = None
     ep: Any = None
+    ep_backward: Any = None
+    """The ep group's twin for the all-to-alls of backward passes: forward and backward chunks may then exchange
+    tokens at the same time (overlap), each group seeing its collectives in the action list's order."""
     edp: Any = None
     embedding: Any = None
     mirror: Any = None
     members: dict[str, tuple[int, ...]] | None = None
-
-    def size(self, kind: str) -> int:
-        return len(self.members.get(kind, (self.rank,))) if self.members else 1
 
 
 def build_process_groups(topology: Topology, rank: int) -> ProcessGroups:

@@ -9,9 +9,11 @@ therefore holds the embedding too. Where the first and last chunks live on the s
 rank 0 and pp-1, DualPipeV's rank 0) they share one embedding module; elsewhere the last rank holds a tied copy
 whose gradient the runtime sums with the first rank's (the "embedding group", as in Megatron).
 
-Every worker builds the *full* model from the run seed (identical weights in every process, and in the
-single-process reference) and keeps the chunks its rank holds: ``PipelineStage`` takes the very modules of the
-full model, so its parameter names (``layers.3.attn.wo.weight``, ``embed.weight``, ...) are the reference's.
+A worker builds the model's *shapes* on ``meta`` (with only its own routed experts), keeps the chunks its rank
+holds (``PipelineStage`` takes the very modules, so its parameter names -- ``layers.3.attn.wo.weight``,
+``embed.weight``, ``layers.4.ffn.experts.9.w1.weight`` -- are the reference's), and materialises just those
+(``build_stage``): every parameter is initialised from its own name-seeded stream (``raymoe.model.build``), so the
+stage starts bit-identical to the same tensors of the single-process reference.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from raymoe.config import Config
 from raymoe.model import RouterStats, Transformer, output_losses
-from raymoe.model.moe import Gate
+from raymoe.model.build import convert_for_precision, materialize
+from raymoe.model.moe import Gate, MoE
+from raymoe.schedule.layout_rules import layer_counts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,28 +55,10 @@ class StagePlan:
 
 
 def plan_stages(num_layers: int, num_chunks: int, stage_layers: Sequence[int] = ()) -> StagePlan:
-    """Cut ``num_layers`` into ``num_chunks`` chunks: ``stage_layers`` if given, else as even as possible.
-
-    The even split gives the leftover layers (fewer than ``num_chunks``) to the earliest chunks, so the last
-    chunk, which already carries the output head and the MTP block(s), never gets one. ``raymoe.plan``'s
-    ``split_layers`` cuts the same way (it stays torch-free, so it keeps its own copy of these two lines).
-    """
-    if num_chunks < 1:
-        raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
-    if stage_layers:
-        counts = list(stage_layers)
-        if len(counts) != num_chunks or sum(counts) != num_layers or min(counts) < 1:
-            raise ValueError(
-                f"stage_layers {counts} must list {num_chunks} positive layer counts summing to "
-                f"num_layers ({num_layers})"
-            )
-    else:
-        if num_layers < num_chunks:
-            raise ValueError(f"cannot cut {num_layers} layers into {num_chunks} pipeline chunks of >= 1 layer")
-        base, extra = divmod(num_layers, num_chunks)
-        counts = [base + (1 if c < extra else 0) for c in range(num_chunks)]
+    """Cut ``num_layers`` into ``num_chunks`` chunks: ``stage_layers`` if given, else as even as possible
+    (``raymoe.schedule.layout_rules.layer_counts``, the rule the config and the planner apply too)."""
     ranges, start = [], 0
-    for n in counts:
+    for n in layer_counts(num_layers, num_chunks, stage_layers):
         ranges.append((start, start + n))
         start += n
     return StagePlan(num_layers=num_layers, chunk_layers=tuple(ranges))
@@ -146,24 +133,23 @@ class PipelineStage(nn.Module):
             router_stats=stats + mtp_stats,
         )
 
-    def chunk_parameters(self, chunk: int) -> list[nn.Parameter]:
-        """The parameters chunk ``chunk`` uses (the W of a zero-bubble split computes their gradients)."""
-        modules: list[nn.Module] = [self.layers[str(i)] for i in self.plan.layers_of(chunk)]
-        if chunk == 0 or (chunk == self.plan.last_chunk and self.mtp_depth > 0):
-            modules.append(self.embed)
-        if chunk == self.plan.last_chunk:
-            modules += [self.norm, self.head, self.mtp]
-        seen: set[int] = set()
-        params = []
-        for module in modules:
-            for p in module.parameters():
-                if id(p) not in seen and p.requires_grad:
-                    seen.add(id(p))
-                    params.append(p)
-        return params
-
     def gates(self) -> list[Gate]:
         return [m for m in self.modules() if isinstance(m, Gate)]
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+
+def build_stage(config: Config, plan: StagePlan, chunks: Iterable[int], *, device: str | torch.device = "cpu",
+                expert_ids: Sequence[int] | None = None) -> PipelineStage:
+    """The stage of ``chunks`` with routed experts ``expert_ids`` (default all), materialised on ``device`` and
+    nothing else: the rest of the model exists only as ``meta`` shapes and is dropped."""
+    with torch.device("meta"):
+        model = Transformer(config.model, config.routing, config.mtp, expert_ids=expert_ids)
+    stage = PipelineStage(model, plan, chunks)
+    if torch.device(device).type != "meta":
+        materialize(stage, device=device, std=config.model.init_std, run_seed=config.run.seed)
+    return convert_for_precision(stage, config)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from raymoe.schedule.layout_rules import check_ep_divides_dp
+
 
 @dataclass(frozen=True, kw_only=True)
 class Coord:
@@ -46,8 +48,7 @@ class Topology:
         for name in ("pp", "ep", "dp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"topology {name} must be >= 1, got {getattr(self, name)}")
-        if self.dp % self.ep:
-            raise ValueError(f"dp ({self.dp}) must be divisible by ep ({self.ep}): experts are sharded inside dp")
+        check_ep_divides_dp(self.ep, self.dp)
 
     @property
     def world_size(self) -> int:
@@ -91,6 +92,10 @@ class Topology:
             for p in range(self.pp)
             for i in range(self.edp)
         ]
+
+    def ep_backward_groups(self) -> list[tuple[int, ...]]:
+        """The ep groups again: a second communicator per ep group for backward all-to-alls."""
+        return self.ep_groups()
 
     def edp_groups(self) -> list[tuple[int, ...]]:
         return [

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from raymoe.config import PrecisionConfig
 from raymoe.config.schema import SCHEDULES
 from raymoe.plan.params import ModelParams
+from raymoe.schedule.layout_rules import check_ep_divides_dp, layer_counts, num_chunks, rank_chunks
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,8 +56,7 @@ class Layout:
             raise ValueError(f"zero stage must be 0, 1 or 2, got {self.zero_stage}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
-        if self.dp % self.ep:
-            raise ValueError(f"dp ({self.dp}) must be divisible by ep ({self.ep})")
+        check_ep_divides_dp(self.ep, self.dp)
         if self.schedule == "dualpipe" and self.pp > 1 and self.pp % 2:
             raise ValueError(
                 f"schedule dualpipe pairs stage r with stage pp-1-r and needs an even pp, got {self.pp}"
@@ -64,18 +64,14 @@ class Layout:
 
     @property
     def num_stages(self) -> int:
-        return 2 * self.pp if self.schedule == "dualpipev" and self.pp > 1 else self.pp
+        return num_chunks(self.schedule, self.pp)
 
     @property
     def expert_dp(self) -> int:
         return self.dp // self.ep
 
     def stages_of_rank(self, rank: int) -> tuple[int, ...]:
-        if self.pp > 1 and self.schedule == "dualpipe":
-            return (rank, self.pp - 1 - rank)
-        if self.pp > 1 and self.schedule == "dualpipev":
-            return (rank, 2 * self.pp - 1 - rank)
-        return (rank,)
+        return rank_chunks(self.schedule, self.pp, rank)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,24 +146,12 @@ class MemoryPlan:
 
 
 def split_layers(num_layers: int, layout: Layout) -> tuple[range, ...]:
-    """Layer ids of each stage, in stage order."""
-    num_stages = layout.num_stages
-    if layout.stage_layers:
-        counts = list(layout.stage_layers)
-        if len(counts) != num_stages or sum(counts) != num_layers or min(counts) < 1:
-            raise ValueError(
-                f"stage_layers {counts} must list {num_stages} positive layer counts summing to "
-                f"num_layers ({num_layers})"
-            )
-    else:
-        if num_stages > num_layers:
-            raise ValueError(
-                f"{num_stages} pipeline stages (pp={layout.pp}, schedule {layout.schedule}) "
-                f"exceed the model's {num_layers} layers"
-            )
-        base, extra = divmod(num_layers, num_stages)
-        counts = [base + (1 if s < extra else 0) for s in range(num_stages)]
-    starts = [sum(counts[:s]) for s in range(num_stages)]
+    """Layer ids of each stage, in stage order (the runtime's cut: ``raymoe.schedule.layout_rules``)."""
+    try:
+        counts = layer_counts(num_layers, layout.num_stages, layout.stage_layers)
+    except ValueError as exc:
+        raise ValueError(f"pp={layout.pp}, schedule {layout.schedule}: {exc}") from None
+    starts = [sum(counts[:s]) for s in range(len(counts))]
     return tuple(range(start, start + count) for start, count in zip(starts, counts))
 
 

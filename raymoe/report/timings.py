@@ -69,10 +69,6 @@ class StepTimings:
     def mean_bubble_fraction(self) -> float:
         return fmean(self.bubble_fraction.values()) if self.bubble_fraction else 0.0
 
-    @property
-    def max_bubble_fraction(self) -> float:
-        return max(self.bubble_fraction.values(), default=0.0)
-
 
 def step_timings(actions: Iterable[TimedAction], *, ranks: Sequence[int] = ()) -> StepTimings:
     """Bubble statistics of one step; ``ranks`` lists ranks that ran nothing (bubble 1) too."""

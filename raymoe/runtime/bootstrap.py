@@ -42,7 +42,7 @@ def bootstrap(actors: list, *, backend: str, timeout_s: float) -> tuple[str, int
     """Driver side: rank 0 opens the store, then every actor joins (in parallel); returns (host, port)."""
     import ray
 
-    from raymoe.runtime.worker_group import gather
+    from raymoe.runtime.calls import gather
 
     host, port = ray.get(actors[0].open_store.remote(len(actors), timeout_s))
     gather([a.init_distributed.remote(host, port, backend, timeout_s) for a in actors])

@@ -18,7 +18,7 @@ policy lives here, in one place) and writes the same per-step record as the sing
 
 from __future__ import annotations
 
-import enum
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -28,39 +28,21 @@ from typing import Protocol
 
 import torch
 
-from raymoe.checkpoint import CheckpointStore, Layout, Manifest
-from raymoe.checkpoint.run_state import RunState, build_manifest, read_run_state
+from raymoe.checkpoint import Layout, Manifest
 from raymoe.config import Config
 from raymoe.model import router_slots
+from raymoe.parallel.dispatcher import contiguous_placement
 from raymoe.parallel.stage_plan import StagePlan, plan_stages
 from raymoe.parallel.topology import Topology
 from raymoe.routing import update_bias
+from raymoe.runtime.driver_checkpoints import DriverCheckpoints
+from raymoe.runtime.driver_state import TRANSITIONS, DriverState, Transition
 from raymoe.runtime.results import LoadInfo, StepInputs, StepResult
 from raymoe.runtime.worker_group import WorkerGroup
 from raymoe.schedule import Schedule, build_schedule
+from raymoe.schedule.layout_rules import check_zero_stage
 from raymoe.train.metrics import StepMetrics, load_statistics
 from raymoe.train.optim import lr_at
-
-
-class DriverState(enum.Enum):
-    INITIALIZING = "initializing"
-    RUNNING = "running"
-    CHECKPOINTING = "checkpointing"
-    RECOVERING = "recovering"
-    FINISHED = "finished"
-    ERRORED = "errored"
-
-
-TRANSITIONS: dict[DriverState, frozenset[DriverState]] = {
-    DriverState.INITIALIZING: frozenset({DriverState.RUNNING, DriverState.ERRORED}),
-    DriverState.RUNNING: frozenset(
-        {DriverState.CHECKPOINTING, DriverState.RECOVERING, DriverState.FINISHED, DriverState.ERRORED}
-    ),
-    DriverState.CHECKPOINTING: frozenset({DriverState.RUNNING, DriverState.RECOVERING, DriverState.ERRORED}),
-    DriverState.RECOVERING: frozenset({DriverState.RUNNING, DriverState.ERRORED}),
-    DriverState.FINISHED: frozenset(),
-    DriverState.ERRORED: frozenset(),
-}
 
 
 class FailurePolicy(Protocol):
@@ -98,35 +80,11 @@ class RestartFromCheckpoint:
 def validate_layout(config: Config) -> tuple[Schedule, StagePlan]:
     """Everything about a layout that can be refused without a cluster; ValueError names the values."""
     p = config.parallel
-    if p.ep != 1:
-        raise ValueError(
-            f"parallel.ep={p.ep}: expert parallelism is not available in this runtime yet; use parallel.ep=1 "
-            f"(experts are then replicated like dense layers, data-parallel over parallel.dp={p.dp})"
-        )
+    check_zero_stage(zero_stage=p.zero_stage, schedule=config.schedule.name, pp=p.pp, ep=p.ep,
+                     mtp_depth=config.mtp.depth)
     schedule = build_schedule(config.schedule.name, p.pp, config.schedule.num_microbatches)
-    if p.zero_stage == 2 and p.pp > 1:
-        _check_zero2_with_pipeline(config, schedule.placement.family)
     plan = plan_stages(config.model.num_layers, schedule.placement.num_chunks, p.stage_layers)
     return schedule, plan
-
-
-def _check_zero2_with_pipeline(config: Config, family: str) -> None:
-    """ZeRO-2 reduces and frees each backward pass's gradients at once; parameters copied on two pipeline ranks
-    (``raymoe.parallel.stage_plan.grad_sync_plan``) are summed after the last backward, too late for it."""
-    p, name = config.parallel, config.schedule.name
-    if family == "dualpipe":
-        raise ValueError(
-            f"parallel.zero_stage=2 with schedule.name={name}, parallel.pp={p.pp}: DualPipe keeps two copies of "
-            f"every stage whose gradients are summed after the last backward, when ZeRO-2 has already reduced and "
-            f"freed them; use schedule.name=dualpipev (one copy) or parallel.zero_stage=1"
-        )
-    if family == "one-per-rank" and config.mtp.depth > 0:
-        raise ValueError(
-            f"parallel.zero_stage=2 with schedule.name={name}, parallel.pp={p.pp}, mtp.depth={config.mtp.depth}: the "
-            f"MTP modules on the last stage use a copy of the first stage's embedding, whose gradients are summed "
-            f"after the last backward, when ZeRO-2 has already reduced and freed them; use schedule.name=dualpipev "
-            f"(first and last stage on one rank), parallel.pp=1, mtp.depth=0 or parallel.zero_stage=1"
-        )
 
 
 @dataclass
@@ -138,14 +96,7 @@ class StepReport:
     """Driver-side wall time of the step: batch preparation, the Ray round trip, aggregation."""
 
 
-@dataclass
-class _Transition:
-    state: DriverState
-    at: float
-    reason: str = ""
-
-
-class Driver:
+class Driver(DriverCheckpoints):
     def __init__(
         self,
         config: Config,
@@ -169,7 +120,7 @@ class Driver:
         self._given_batches = batches is not None
         self.key = f"{config.schedule.name}-{uuid.uuid4().hex[:8]}"
         self.state = DriverState.INITIALIZING
-        self.history: list[_Transition] = [_Transition(DriverState.INITIALIZING, time.time())]
+        self.history: list[Transition] = [Transition(DriverState.INITIALIZING, time.time())]
         self.step_index = 0
         self.tokens_seen = 0
         num_routers = len(router_slots(config.model, config.mtp.depth))
@@ -180,6 +131,8 @@ class Driver:
             check_export(config.run.init_from, config)
             self.routing_bias_RE = read_tensors(config.run.init_from, [BIAS])[BIAS].float()
         self._initial_bias_RE = self.routing_bias_RE.clone()
+        # Expert placement is routing state too: owned here, sent to the workers, saved in checkpoints.
+        self.expert_placement = contiguous_placement(config.model.num_routed_experts, p.ep)
         self.load_info: list[LoadInfo] = []
         self._needed = self._microbatches_per_pipeline_rank()
 
@@ -188,7 +141,16 @@ class Driver:
         if new not in TRANSITIONS[self.state]:
             raise RuntimeError(f"driver cannot go from {self.state.value} to {new.value}")
         self.state = new
-        self.history.append(_Transition(new, time.time(), reason))
+        self.history.append(Transition(new, time.time(), reason))
+
+    @contextlib.contextmanager
+    def _guard(self):
+        """A failure inside goes to the failure policy (ERRORED, or RECOVERING), then on to the caller."""
+        try:
+            yield
+        except BaseException as exc:
+            self._fail(exc)
+            raise
 
     def _fail(self, error: BaseException) -> None:
         decided = self.failure_policy.decide(error, self.state)
@@ -203,22 +165,24 @@ class Driver:
         """Reserve resources, start and bootstrap the workers (unless given), load the layout on them."""
         if self.state is not DriverState.INITIALIZING:
             raise RuntimeError(f"start() in state {self.state.value}")
-        try:
+        with self._guard():
             self._start_workers()
-        except BaseException as exc:
-            self._fail(exc)
-            raise
         self._transition(DriverState.RUNNING)
         return self
 
     def _start_workers(self) -> None:
         if self.worker_group is None:
             self.worker_group = WorkerGroup(
-                self.topology, device=self.config.parallel.device, timeout_s=self.timeout_s
+                self.topology, device=self.config.parallel.device, timeout_s=self.timeout_s,
+                num_cpus_per_worker=self.config.parallel.cpus_per_worker,
             ).start()
         placement = self.schedule.placement
+        # which Ray node each worker is on: the dispatcher splits its all-to-all bytes into same- / cross-node
+        nodes = self.worker_group.execute("node_id") if self.topology.ep > 1 else [""] * self.topology.world_size
+        self.node_of_rank = tuple(sorted(set(nodes)).index(n) for n in nodes)
         args = [
-            (self.key, self.config, placement, self.schedule.actions[self.topology.coord(r).pp_rank])
+            (self.key, self.config, placement, self.schedule.actions[self.topology.coord(r).pp_rank],
+             self.expert_placement, self.node_of_rank)
             for r in range(self.topology.world_size)
         ]
         self.load_info = self.worker_group.execute_each("load", args)
@@ -230,14 +194,11 @@ class Driver:
             raise RuntimeError(f"recover() in state {self.state.value}")
         if not self._owns_group:
             raise RuntimeError("recover() needs a driver that started its own workers")
-        try:
+        with self._guard():
             old, self.worker_group = self.worker_group, None
             if old is not None:
                 old.shutdown()
             self._start_workers()
-        except BaseException as exc:
-            self._fail(exc)
-            raise
         self.step_index, self.tokens_seen = 0, 0
         self.routing_bias_RE = self._initial_bias_RE.clone()
         if not self._given_batches:
@@ -263,88 +224,6 @@ class Driver:
                 group.execute("unload", self.key, timeout_s=30)
             except Exception:  # the group's owner decides what to do with broken workers
                 pass
-
-    # -- checkpoints ---------------------------------------------------------------------------------------------
-    def save_checkpoint(self, store: CheckpointStore) -> Path:
-        """RUNNING -> CHECKPOINTING -> RUNNING: every worker writes its shard, then the manifest commits them."""
-        if self.state is not DriverState.RUNNING:
-            raise RuntimeError(f"save_checkpoint() in state {self.state.value}")
-        self._transition(DriverState.CHECKPOINTING, f"step {self.step_index}")
-        try:
-            staging = store.begin(self.step_index)
-            entries = self.worker_group.execute("save_checkpoint_shard", self.key, str(staging))
-            state = RunState(step=self.step_index, tokens_seen=self.tokens_seen,
-                             cursor=self.batches.cursor.to_dict(), bias_RE=self.routing_bias_RE)
-            manifest = build_manifest(self.config, state, Layout.of(self.config), entries)
-            path = store.commit(staging, manifest)
-        except BaseException as exc:
-            self._fail(exc)
-            raise
-        self._transition(DriverState.RUNNING, f"saved {path}")
-        return path
-
-    def check_checkpoint_storage(self, store: CheckpointStore) -> None:
-        """Every worker writes its shard into ``store.root``: refuse a directory some workers cannot see (node-local
-        storage on a multi-node cluster) now, instead of at the first save hours later."""
-        import socket
-
-        store.root.mkdir(parents=True, exist_ok=True)
-        probe = store.root / f".probe-{uuid.uuid4().hex[:8]}"
-        probe.write_text(socket.gethostname())
-        try:
-            seen = self.worker_group.execute("sees_file", str(probe))
-        finally:
-            probe.unlink(missing_ok=True)
-        blind = [rank for rank, ok in enumerate(seen) if not ok]
-        if blind:
-            raise ValueError(
-                f"run.checkpoint_dir {str(store.root)!r} is not visible to workers {blind}: on a multi-node cluster "
-                f"checkpoints need storage every node mounts (set run.checkpoint_dir to such a path)"
-            )
-
-    def restore(self, checkpoint: Path, *, reshard: bool = False, consolidated=None) -> Manifest:
-        """Load a checkpoint into the started workers and this driver; returns its manifest. Without ``reshard``
-        the checkpoint must be this layout's (each worker loads its own shard); with it, any layout's: the driver
-        assembles full per-parameter weights and AdamW states (``consolidated``, if already read:
-        ``raymoe.checkpoint.reshard.consolidate_training_state``) and every worker takes its own parameters'."""
-        from raymoe.data import Cursor
-        from raymoe.train.batches import open_batches
-
-        if self.state is not DriverState.RUNNING or self.step_index:
-            raise RuntimeError(f"restore() needs a freshly started driver (state {self.state.value}, "
-                               f"step {self.step_index})")
-        manifest, state = read_run_state(checkpoint, self.config, Layout.of(self.config),
-                                         num_routers=self.routing_bias_RE.shape[0], reshard=reshard)
-        try:
-            if reshard:
-                self._load_resharded(checkpoint, consolidated)
-            else:
-                shards = sorted(manifest.shards, key=lambda e: e.rank)
-                self.worker_group.execute_each(
-                    "load_checkpoint_shard", [(self.key, str(checkpoint), e.file, e.sha256) for e in shards]
-                )
-        except BaseException as exc:
-            self._fail(exc)
-            raise
-        self.step_index, self.tokens_seen, self.routing_bias_RE = state.step, state.tokens_seen, state.bias_RE
-        self._batches = open_batches(self.config, cursor=Cursor.from_dict(state.cursor))
-        self.history.append(_Transition(self.state, time.time(), f"restored {checkpoint}"
-                                        + (" (resharded)" if reshard else "")))
-        return manifest
-
-    def _load_resharded(self, checkpoint: Path, consolidated) -> None:
-        import ray
-
-        from raymoe.checkpoint.reshard import consolidate_training_state
-
-        if consolidated is None:
-            consolidated = consolidate_training_state(checkpoint)
-        # One copy in the object store; each worker deserializes it and keeps only its own parameters' part.
-        ref = ray.put({"weights": consolidated.weights, "states": consolidated.states})
-        try:
-            self.worker_group.execute("load_resharded", self.key, ref)
-        finally:
-            del ref
 
     # -- steps ---------------------------------------------------------------------------------------------------
     @property
@@ -377,11 +256,8 @@ class Driver:
         mtp_weight = cfg.mtp.weight_at(self.tokens_seen)
         gamma = cfg.routing.gamma_at(self.tokens_seen)
         lr = lr_at(self.step_index, cfg.optim, cfg.run.steps)
-        try:
+        with self._guard():
             results = self._run_workers(tokens_BL, lr=lr, mtp_weight=mtp_weight, capture=capture)
-        except BaseException as exc:
-            self._fail(exc)
-            raise
         counts_RE = sum(r.counts_RE for r in results)
         self.routing_bias_RE = update_bias(self.routing_bias_RE, counts_RE, gamma)
         wall = time.perf_counter() - start
@@ -444,6 +320,27 @@ class Driver:
                 "optimizer_s_max": max(r.optimizer_s for r in results),
                 "optimizer_state_bytes_per_rank": [r.optimizer_state_bytes for r in results],
                 "peak_live_activations_per_rank": [r.peak_live_activations for r in results],
+                **(dispatch_metrics(results, self.topology) if self.topology.ep > 1 else {}),
             },
         ).to_dict()
+
+
+def dispatch_metrics(results: list[StepResult], topology: Topology) -> dict:
+    """The step's expert all-to-all, summed over workers: bytes sent (naive one-copy-per-expert, deduplicated,
+    measured same-node / cross-node), the slowest rank's seconds in it, and the rows each ep rank received."""
+    total = {k: sum(r.dispatch.get(k, 0) for r in results) for k in
+             ("naive_bytes", "dedup_bytes", "measured_same_node_bytes", "measured_cross_node_bytes")}
+    received = [r.dispatch.get("rows_received", 0) for r in results]
+    mean = sum(received) / len(received)
+    return {
+        "a2a_naive_bytes": total["naive_bytes"],
+        "a2a_dedup_bytes": total["dedup_bytes"],
+        "a2a_measured_same_node_bytes": total["measured_same_node_bytes"],
+        "a2a_measured_cross_node_bytes": total["measured_cross_node_bytes"],
+        "a2a_seconds_max": max(r.dispatch.get("seconds", 0.0) for r in results),
+        "a2a_rows_received_max": max(received),
+        "a2a_rows_received_mean": mean,
+        "a2a_peak_rows_received": max(r.dispatch.get("peak_rows_received", 0) for r in results),
+        "ep": topology.ep,
+    }
 

@@ -109,7 +109,8 @@ class _Loop:
 
     def run(self, stop, progress: bool) -> None:
         config, driver = self.config, self.driver
-        desc = f"train (ray {config.schedule.name} pp={config.parallel.pp} dp={config.parallel.dp})"
+        p = config.parallel
+        desc = f"train (ray {config.schedule.name} pp={p.pp}{f' ep={p.ep}' if p.ep > 1 else ''} dp={p.dp})"
         self.bar = tqdm(total=config.run.steps, initial=driver.step_index, desc=desc, unit="step",
                         disable=not progress, dynamic_ncols=True)
         while driver.step_index < config.run.steps:

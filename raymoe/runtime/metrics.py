@@ -16,7 +16,14 @@ dashboard in ``cluster/grafana/raymoe.json`` show them. Every series carries a `
     ray_raymoe_max_vio                       run, router       MaxVio of one router's expert load, this step
     ray_raymoe_pipeline_bubble_fraction      run, rank         share of the step this rank was not computing
     ray_raymoe_compute_time_s                run, rank         time in compute actions (the bubble's complement)
-    ray_raymoe_all_to_all_bytes              run, rank         MoE dispatch + combine bytes sent this step
+    ray_raymoe_all_to_all_bytes              run, rank         MoE all-to-all bytes this rank sent this step
+    ray_raymoe_all_to_all_seconds            run, rank         seconds this rank spent in MoE all-to-alls
+    ray_raymoe_tokens_received               run, rank         token rows this rank's experts received
+    ray_raymoe_all_to_all_step_bytes                run, kind         the step's all-to-all bytes over all workers:
+                                                               kind = naive (one copy per token-expert pair),
+                                                               dedup (one per token-rank pair), measured_same_node,
+                                                               measured_cross_node
+    ray_raymoe_all_to_all_tokens_received           run, stat         rows received per ep rank: max and mean
     ray_raymoe_zero_optimizer_bytes          run, rank         optimizer state (moments + fp32 master) held by the rank
     ray_raymoe_param_bytes                   run, rank         parameters held by the rank
     ray_raymoe_peak_memory_bytes             run, rank         peak worker memory (RSS on CPU, allocated on CUDA)
@@ -40,7 +47,9 @@ attributes does, see ``RankStepResult``):
     optimizer_master_bytes    int    fp32 master weights the rank holds (its ZeRO partition; 0 for fp32 params)
     param_bytes               int    parameters the rank holds
     peak_memory_bytes         int    peak RSS (CPU) or peak allocated device memory (CUDA) of the worker
-    extra["all_to_all_bytes"] int    bytes sent through MoE all-to-all in the step; absent = 0 (ep == 1)
+    dispatch                  dict   the step's expert all-to-all on this rank (``DispatchStats.as_dict``):
+                                     measured_same_node_bytes, measured_cross_node_bytes, seconds,
+                                     rows_received, ...; absent or empty without expert parallelism
 
 If ``actions_path`` is given, the timings of the first pipeline (dp_rank 0) are appended to that file as
 ``actions.jsonl`` rows (step, rank = pp_rank, kind, stage, microbatch, start, end) for ``raymoe report``.
@@ -65,7 +74,7 @@ class RankStepResult(Protocol):
     optimizer_master_bytes: int
     param_bytes: int
     peak_memory_bytes: int
-    extra: Mapping
+    dispatch: Mapping
 
 
 _RUN_GAUGES = {
@@ -84,6 +93,8 @@ _RANK_GAUGES = {
     "pipeline_bubble_fraction": "Share of the step this rank spent not computing (measured action timings).",
     "compute_time_s": "Seconds this rank spent in compute actions in the last step.",
     "all_to_all_bytes": "Bytes this rank sent through MoE all-to-all (dispatch + combine) in the last step.",
+    "all_to_all_seconds": "Seconds this rank spent in MoE all-to-alls in the last step.",
+    "tokens_received": "Token rows this rank's experts received through the all-to-all in the last step.",
     "zero_optimizer_bytes": "Bytes of optimizer state (Adam moments + fp32 master, ZeRO partition) on this rank.",
     "param_bytes": "Bytes of parameters this rank holds.",
     "peak_memory_bytes": "Peak memory of this worker (RSS on CPU, allocated device memory on CUDA).",
@@ -92,13 +103,20 @@ _RANK_GAUGES = {
 
 def prometheus_names() -> set[str]:
     """Every series name the exporter produces, as Prometheus shows it (``ray_`` prefix, counters ``_total``)."""
-    gauges = [*_RUN_GAUGES, *_RANK_GAUGES, "max_vio", "checkpoint_seconds", "checkpoint_bytes"]
+    gauges = [*_RUN_GAUGES, *_RANK_GAUGES, "max_vio", "checkpoint_seconds", "checkpoint_bytes", "all_to_all_step_bytes",
+              "all_to_all_tokens_received"]
     counters = ["steps", "tokens", "checkpoints", "recoveries"]
     return {f"ray_raymoe_{n}" for n in gauges} | {f"ray_raymoe_{n}_total" for n in counters}
 
 
 def all_to_all_bytes(result: RankStepResult) -> int:
-    return int(result.extra.get("all_to_all_bytes", 0))
+    dispatch = getattr(result, "dispatch", None) or {}
+    return int(dispatch.get("measured_same_node_bytes", 0) + dispatch.get("measured_cross_node_bytes", 0))
+
+
+_A2A_KINDS = {"naive": "a2a_naive_bytes", "dedup": "a2a_dedup_bytes",
+              "measured_same_node": "a2a_measured_same_node_bytes",
+              "measured_cross_node": "a2a_measured_cross_node_bytes"}
 
 
 def timed_actions(step: int, pp_rank: int, timings: Sequence) -> list[TimedAction]:
@@ -145,6 +163,12 @@ class MetricsExporter:
                       for n, d in _RANK_GAUGES.items()}
         self._max_vio = Gauge("raymoe_max_vio", description="MaxVio of one router: (max - mean) / mean expert "
                               "load in the last step.", tag_keys=("run", "router"))
+        self._a2a_bytes = Gauge("raymoe_all_to_all_step_bytes", description="Expert all-to-all bytes of the last "
+                                "step over all workers: naive (one copy per token-expert pair), dedup (one per "
+                                "token and destination rank), measured same-node / cross-node.",
+                                tag_keys=("run", "kind"))
+        self._a2a_received = Gauge("raymoe_all_to_all_tokens_received", description="Token rows the ep ranks' experts "
+                                   "received in the last step: max and mean over ranks.", tag_keys=("run", "stat"))
         self._steps = Counter("raymoe_steps", description="Optimizer steps completed.", tag_keys=("run",))
         self._tokens = Counter("raymoe_tokens", description="Training tokens consumed.", tag_keys=("run",))
         self._checkpoint_s = Gauge("raymoe_checkpoint_seconds", description="Seconds the last checkpoint took to "
@@ -186,10 +210,19 @@ class MetricsExporter:
             self._rank["pipeline_bubble_fraction"].set(bubble, tags=tags)
             self._rank["compute_time_s"].set(busy, tags=tags)
             self._rank["all_to_all_bytes"].set(float(all_to_all_bytes(result)), tags=tags)
+            dispatch = getattr(result, "dispatch", None) or {}
+            self._rank["all_to_all_seconds"].set(float(dispatch.get("seconds", 0.0)), tags=tags)
+            self._rank["tokens_received"].set(float(dispatch.get("rows_received", 0)), tags=tags)
             self._rank["zero_optimizer_bytes"].set(
                 float(result.optimizer_state_bytes + result.optimizer_master_bytes), tags=tags)
             self._rank["param_bytes"].set(float(result.param_bytes), tags=tags)
             self._rank["peak_memory_bytes"].set(float(result.peak_memory_bytes), tags=tags)
+        for kind, key in _A2A_KINDS.items():
+            if key in record:
+                self._a2a_bytes.set(float(record[key]), tags={**self._tags, "kind": kind})
+        for stat in ("max", "mean"):
+            if f"a2a_rows_received_{stat}" in record:
+                self._a2a_received.set(float(record[f"a2a_rows_received_{stat}"]), tags={**self._tags, "stat": stat})
         self._log_actions(step, worker_results)
         return {
             "pipeline_bubble_fraction": sum(b for b, _ in bubbles.values()) / max(len(bubbles), 1),

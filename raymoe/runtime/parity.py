@@ -41,6 +41,7 @@ class ParityReport:
     pp: int
     dp: int
     zero_stage: int
+    ep: int = 1
     num_microbatches: int
     steps: int
     loss: float
@@ -153,7 +154,7 @@ def _run_parity(config: Config, *, steps: int, worker_group) -> ParityReport:
     ref_params = dict(reference.model.named_parameters())
     p = config.parallel
     return ParityReport(
-        schedule=config.schedule.name, pp=p.pp, dp=p.dp, zero_stage=p.zero_stage,
+        schedule=config.schedule.name, pp=p.pp, dp=p.dp, ep=p.ep, zero_stage=p.zero_stage,
         num_microbatches=config.schedule.num_microbatches, steps=steps,
         loss=losses[0], loss_ref=losses_ref[0], loss_abs_diff=abs(losses[0] - losses_ref[0]),
         loss_rel_diff=abs(losses[0] - losses_ref[0]) / abs(losses_ref[0]),

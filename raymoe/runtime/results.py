@@ -64,6 +64,9 @@ class StepResult:
     """Gradients held when the step began: the full .grad of every parameter, or ZeRO-2's ~1/dp partition."""
     peak_memory_bytes: int
     """Peak resident memory of the worker process (CPU) or peak allocated device memory (CUDA)."""
+    dispatch: dict = field(default_factory=dict)
+    """Expert all-to-all of this step on this rank (``raymoe.parallel.dispatcher.DispatchStats``): bytes sent
+    (naive / deduplicated / measured same-node and cross-node), seconds, rows received; zeros without EP."""
     grads: dict[str, torch.Tensor] | None = None
     params_before: dict[str, torch.Tensor] | None = None
     params_after: dict[str, torch.Tensor] | None = None
@@ -80,3 +83,5 @@ class LoadInfo:
     num_params: int
     param_bytes: int
     optimizer: str
+    expert_ids: tuple[int, ...] = ()
+    """Global ids of the routed experts this rank holds."""

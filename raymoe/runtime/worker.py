@@ -21,12 +21,14 @@ from pathlib import Path
 import torch
 
 from raymoe.config import Config
-from raymoe.model import build_model, set_gate_biases
+from raymoe.model import router_slots, set_gate_biases
 from raymoe.model.build import compute_context
+from raymoe.model.moe import is_expert_parameter
+from raymoe.parallel.dispatcher import AllToAllDispatcher, DispatchStats, experts_of, install_dispatcher
 from raymoe.parallel.executor import Executor
 from raymoe.parallel.groups import ProcessGroups, all_reduce_sum, build_process_groups
 from raymoe.parallel.p2p import TorchTransport
-from raymoe.parallel.stage_plan import GradSync, PipelineStage, grad_sync_plan, plan_stages
+from raymoe.parallel.stage_plan import GradSync, PipelineStage, build_stage, grad_sync_plan, plan_stages
 from raymoe.parallel.topology import Topology
 from raymoe.runtime.bootstrap import worker_init_process_group, worker_open_store
 from raymoe.runtime.results import LoadInfo, StepInputs, StepResult
@@ -41,6 +43,7 @@ class _Layout:
     executor: Executor
     optimizer: object
     sync: GradSync
+    dispatcher: AllToAllDispatcher | None = None
 
 
 class Worker:
@@ -67,6 +70,12 @@ class Worker:
         self.groups = build_process_groups(self.topology, self.rank)
         return self.rank
 
+    def node_id(self) -> str:
+        """The Ray node this worker runs on: ep ranks on one node exchange tokens over the fast intra-node links."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def whoami(self) -> dict:
         """Where this worker stands in Ray and in torch.distributed (for tests and debugging)."""
         import os
@@ -84,17 +93,33 @@ class Worker:
         }
 
     # -- layouts -----------------------------------------------------------------------------------------------
-    def load(self, key: str, config: Config, placement: Placement, actions: tuple[Action, ...]) -> LoadInfo:
+    def load(self, key: str, config: Config, placement: Placement, actions: tuple[Action, ...],
+             expert_placement: torch.Tensor | None = None, node_of_rank: tuple[int, ...] | None = None) -> LoadInfo:
+        """Build this rank's stage(s) with its expert shard, its optimizer and executor for a layout.
+
+        ``expert_placement`` (expert id -> ep rank, owned by the driver) says which routed experts this rank's ep
+        rank holds; ``node_of_rank`` (global rank -> node index) lets the dispatcher split its traffic into
+        same-node and cross-node bytes.
+        """
         from raymoe.zero import build_optimizer
 
         p = config.parallel
         pp_rank = self.coord.pp_rank
         plan = plan_stages(config.model.num_layers, placement.num_chunks, p.stage_layers)
-        model = build_model(config, device=self.device, seed=config.run.seed)
-        num_routers, num_experts = model.num_routers(), config.model.num_routed_experts
+        num_routers = len(router_slots(config.model, config.mtp.depth))
+        num_experts = config.model.num_routed_experts
         chunks = [placement.info(s).chunk for s in placement.stages_of(pp_rank)]
-        stage = PipelineStage(model, plan, chunks)
-        del model
+        expert_ids = None if p.ep == 1 else experts_of(expert_placement, self.coord.ep_rank)
+        stage = build_stage(config, plan, chunks, device=self.device, expert_ids=expert_ids)
+        dispatcher = None
+        if p.ep > 1:
+            members = self.groups.members["ep"]
+            nodes = tuple(node_of_rank[r] for r in members) if node_of_rank is not None else None
+            dispatcher = AllToAllDispatcher(group=self.groups.ep, backward_group=self.groups.ep_backward,
+                                            rank_of_expert_E=expert_placement, node_of_rank=nodes,
+                                            fp8=config.precision.fp8_dispatch,
+                                            fp8_power_of_two=config.precision.fp8_power_of_two_scales)
+            install_dispatcher(stage, dispatcher)
         if config.run.init_from:  # weights of an export, whatever layout wrote it: this stage reads its own
             from raymoe.checkpoint import copy_parameters
             from raymoe.checkpoint.export import read_tensors
@@ -108,6 +133,8 @@ class Worker:
             not_in_norm=[named[n] for n in sorted(sync.not_in_norm)], micro_batch_size=config.micro_batch_size,
             num_microbatches=config.schedule.num_microbatches, backend=self.backend,
             bf16_moments=config.precision.bf16_optimizer_states,
+            expert_params=[named[n] for n in named if is_expert_parameter(n)] if p.ep > 1 else (),
+            ep_group=self.groups.ep, edp_group=self.groups.edp,
         )
         executor = Executor(
             stage=stage, placement=placement, pipeline_rank=pp_rank,
@@ -116,13 +143,14 @@ class Worker:
             activation_shape=(config.micro_batch_size, config.data.seq_len, config.model.dim),
             # activations between stages are fp32: parameters are fp32 master weights and bf16 is autocast compute
             num_routers=num_routers, num_experts=num_experts, dtype=torch.float32,
-            device=self.device, after_backward=optimizer.after_backward,
+            device=self.device, after_backward=optimizer.after_backward, overlap=config.schedule.overlap_a2a,
+            compute_context=lambda: compute_context(config, self.device),
         )
-        self.layouts[key] = _Layout(config, stage, tuple(actions), executor, optimizer, sync)
+        self.layouts[key] = _Layout(config, stage, tuple(actions), executor, optimizer, sync, dispatcher)
         return LoadInfo(
             rank=self.rank, chunks=stage.chunks, layers=tuple(int(i) for i in stage.layers),
             num_params=sum(t.numel() for t in named.values()), param_bytes=_bytes(named.values()),
-            optimizer=type(optimizer).__name__,
+            optimizer=type(optimizer).__name__, expert_ids=tuple(expert_ids or range(num_experts)),
         )
 
     def unload(self, key: str) -> None:
@@ -139,7 +167,10 @@ class Worker:
         layout = self.layouts[key]
         entry = save_shard(Path(directory), self.rank, model=dict(layout.stage.named_parameters()),
                            optimizer=layout.optimizer.state_dict())
-        return {"rank": self.rank, "pp_rank": self.coord.pp_rank, "dp_rank": self.coord.dp_rank, **entry}
+        experts = sorted({int(e) for moe in layout.stage.moe_layers() for e in moe.experts})
+        held = [] if layout.config.parallel.ep == 1 else experts
+        return {"rank": self.rank, "pp_rank": self.coord.pp_rank, "dp_rank": self.coord.dp_rank, **entry,
+                "expert_ids": held}
 
     def sees_file(self, path: str) -> bool:
         """Whether a file the driver just wrote is visible here (is the checkpoint directory shared storage?)."""
@@ -173,6 +204,8 @@ class Worker:
         start = time.perf_counter()
         layout = self.layouts[key]
         set_gate_biases(layout.stage.gates(), inputs.bias_RE)
+        if layout.dispatcher is not None:
+            layout.dispatcher.stats.reset()
         indices = sorted(inputs.microbatches)
         fetched = ray.get([inputs.microbatches[m] for m in indices])
         tokens = {m: t.to(self.device) for m, t in zip(indices, fetched)}
@@ -198,7 +231,9 @@ class Worker:
             recv_wait_s=outcome.recv_wait_s, send_wait_s=outcome.send_wait_s,
             peak_live_activations=outcome.peak_live_activations, param_bytes=_bytes(named.values()),
             optimizer_state_bytes=memory.state_bytes, optimizer_master_bytes=memory.master_bytes,
-            optimizer_grad_bytes=memory.grad_bytes, peak_memory_bytes=self._peak_memory(), **captured,
+            optimizer_grad_bytes=memory.grad_bytes, peak_memory_bytes=self._peak_memory(),
+            dispatch=(layout.dispatcher.stats if layout.dispatcher is not None else DispatchStats()).as_dict(),
+            **captured,
         )
 
     def _sum_replicas(self, named: dict[str, torch.nn.Parameter], sync: GradSync) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from raymoe.parallel.topology import Topology
 from raymoe.runtime.bootstrap import backend_for, bootstrap
+from raymoe.runtime.calls import gather
 
 
 def check_resources(topology: Topology, *, device: str, num_cpus_per_worker: float, cluster: dict) -> None:
@@ -31,25 +32,6 @@ def check_resources(topology: Topology, *, device: str, num_cpus_per_worker: flo
         raise ValueError(f"{layout} need {workers} GPUs but the Ray cluster has {cluster.get('GPU', 0):g}")
 
 
-def gather(refs: list, timeout_s: float | None = None) -> list:
-    """``ray.get`` that raises the first failure as soon as it happens.
-
-    A plain ``ray.get(refs)`` waits in order: when rank 3 fails while rank 0 waits for it inside a collective,
-    it would block on rank 0 forever and never show rank 3's error.
-    """
-    import ray
-
-    pending = list(refs)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while pending:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        done, pending = ray.wait(pending, num_returns=1, timeout=left)
-        if not done:
-            raise TimeoutError(f"{len(pending)} of {len(refs)} workers did not answer within {timeout_s} s")
-        ray.get(done)  # raises the worker's exception, if it failed
-    return ray.get(list(refs))
-
-
 class WorkerGroup:
     def __init__(
         self,
@@ -59,8 +41,11 @@ class WorkerGroup:
         num_cpus_per_worker: float = 1,
         strategy: str = "PACK",
         timeout_s: float = 300.0,
+        name_suffix: str = "",
     ) -> None:
+        """``name_suffix`` tells apart the actors of groups of one job that live side by side (benchmarks)."""
         self.topology = topology
+        self.name_suffix = name_suffix
         self.device = device
         self.num_cpus_per_worker = num_cpus_per_worker
         self.strategy = strategy
@@ -102,10 +87,10 @@ class WorkerGroup:
         remote_worker = ray.remote(Worker)
         t1 = time.perf_counter()
         for rank in range(self.topology.world_size):
-            self._wait_name_free(self.topology.actor_name(rank))
+            self._wait_name_free(self._name(rank))
             self.actors.append(
                 remote_worker.options(
-                    name=self.topology.actor_name(rank),
+                    name=self._name(rank),
                     num_cpus=self.num_cpus_per_worker,
                     num_gpus=1 if self.device == "cuda" else 0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -140,11 +125,14 @@ class WorkerGroup:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         for rank in range(len(self.actors)):
-            self._wait_name_free(self.topology.actor_name(rank))
+            self._wait_name_free(self._name(rank))
         self.actors = []
         if self.placement_group is not None:
             remove_placement_group(self.placement_group)
             self.placement_group = None
+
+    def _name(self, rank: int) -> str:
+        return self.topology.actor_name(rank) + self.name_suffix
 
     @staticmethod
     def _wait_name_free(name: str, timeout_s: float = 30.0) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Collection
 from torch import nn
 
 from raymoe.config import OptimConfig
-from raymoe.zero.common import OptimizerMemory, StageOptimizer, pipeline_norm
+from raymoe.zero.common import ExpertSplit, OptimizerMemory, StageOptimizer, pipeline_norm
 from raymoe.zero.deepspeed_zero import DeepSpeedZero, import_deepspeed
 from raymoe.zero.deepspeed_zero2 import DeepSpeedZero2
 from raymoe.zero.local import LocalAdamW
@@ -44,15 +44,25 @@ def build_optimizer(
     num_microbatches: int = 1,
     backend: str = "gloo",
     bf16_moments: bool = False,
+    expert_params: Collection[nn.Parameter] = (),
+    ep_group=None,
+    edp_group=None,
 ) -> StageOptimizer:
-    """DeepSpeed ZeRO when there is a dp group to partition over, else the plain-AdamW local twin."""
+    """DeepSpeed ZeRO when there is a dp group to partition over, else the plain-AdamW local twin.
+
+    ``expert_params``: this rank's routed-expert shard under expert parallelism (empty otherwise); they reduce over
+    ``edp_group`` and count once in the norm over ``ep_group`` (``ExpertSplit``)."""
+    experts = ExpertSplit.of(expert_params, ep_group=ep_group, edp_group=edp_group, dp_group=dp_group)
     if dp_group is None or zero_stage == 0:
         return LocalAdamW(
-            module, optim, dp_group=dp_group, pp_group=pp_group, not_in_norm=not_in_norm, bf16_moments=bf16_moments
+            module, optim, dp_group=dp_group, pp_group=pp_group, not_in_norm=not_in_norm, bf16_moments=bf16_moments,
+            experts=experts,
         )
+    if experts is not None and zero_stage == 2:
+        raise ValueError("parallel.zero_stage=2 with parallel.ep > 1 is not supported; use parallel.zero_stage=1")
     zero = DeepSpeedZero2 if zero_stage == 2 else DeepSpeedZero
     return zero(
         module, optim, zero_stage=zero_stage, dp_group=dp_group, pp_group=pp_group, not_in_norm=not_in_norm,
         micro_batch_size=micro_batch_size, num_microbatches=num_microbatches, backend=backend,
-        bf16_moments=bf16_moments,
+        bf16_moments=bf16_moments, **({"experts": experts} if experts is not None else {}),
     )

@@ -64,17 +64,50 @@ def pipeline_norm(stage_sq: torch.Tensor, pp_group) -> torch.Tensor:
     return total_sq.sqrt()
 
 
-def replicated_mean_gradients(params: Sequence[nn.Parameter], dp_group) -> list[torch.Tensor]:
-    """Copies of the full ``.grad`` of every parameter, averaged over ``dp_group`` (not yet reduced: ZeRO-0/1)."""
+def replicated_mean_gradients(params: Sequence[nn.Parameter], dp_group, experts: ExpertSplit | None = None
+                               ) -> list[torch.Tensor]:
+    """Copies of the full ``.grad`` of every parameter, averaged over ``dp_group`` (not yet reduced: ZeRO-0/1);
+    routed-expert gradients summed over their expert-data-parallel group instead, with the same 1/dp."""
     from raymoe.parallel.groups import all_reduce_sum
 
     for p in params:
         if p.grad is None:  # a parameter no micro-batch reached: its gradient is zero
             p.grad = torch.zeros_like(p)
     grads = [p.grad.detach().clone() for p in params]
-    all_reduce_sum(grads, dp_group)
+    is_expert = [experts is not None and experts.holds(p) for p in params]
+    all_reduce_sum([g for g, e in zip(grads, is_expert) if not e], dp_group)
+    if experts is not None:
+        all_reduce_sum([g for g, e in zip(grads, is_expert) if e], experts.edp_group)
     scale = 1.0 / (1 if dp_group is None else dist.get_world_size(dp_group))
     return [g * scale for g in grads]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertSplit:
+    """Expert parallelism as the optimizers see it: which parameters are routed experts (this rank's shard), and
+    the groups they reduce over. Dense parameters average over the stage's dp group; an expert parameter exists
+    on the ``edp = dp / ep`` ranks of its expert-data-parallel group only, each of which saw gradients from all
+    ``ep`` token sources, so it is summed over ``edp_group`` and scaled by the same 1/dp (DeepSpeed and Megatron
+    do the same). In the global norm every expert element is counted once: summing the squares over the ``ep``
+    group (local twin: each rank holds other experts) or over the dp group (ZeRO: each rank holds another
+    partition of them) covers each element exactly once."""
+
+    params: tuple[nn.Parameter, ...]
+    ep_group: object
+    edp_group: object
+    dp_size: int
+    ids: frozenset[int] = frozenset()
+
+    def holds(self, p: nn.Parameter) -> bool:
+        return id(p) in self.ids
+
+    @staticmethod
+    def of(expert_params: Collection[nn.Parameter], *, ep_group, edp_group, dp_group) -> ExpertSplit | None:
+        if not expert_params:
+            return None
+        return ExpertSplit(params=tuple(expert_params), ep_group=ep_group, edp_group=edp_group,
+                           dp_size=1 if dp_group is None else dist.get_world_size(dp_group),
+                           ids=frozenset(id(p) for p in expert_params))
 
 
 def held_grad_bytes(params: Collection[nn.Parameter]) -> int:

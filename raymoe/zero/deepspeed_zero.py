@@ -38,12 +38,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from raymoe.checkpoint.reshard import adamw_state_dict, check_kind
+from raymoe.checkpoint.reshard import (
+    adamw_shard_state,
+    adamw_state_dict,
+    check_kind,
+    load_adamw_param_states,
+    load_adamw_shard_state,
+)
 from raymoe.config import OptimConfig
 from raymoe.fp8 import optimizer_state_bytes
 from raymoe.train.clip import clip_coefficient, squared_norm
-from raymoe.train.optim import set_lr
+from raymoe.train.optim import make_adamw, set_lr
 from raymoe.zero.common import (
+    ExpertSplit,
     OptimizerMemory,
     held_grad_bytes,
     pipeline_norm,
@@ -113,11 +120,18 @@ class DeepSpeedZero:
         num_microbatches: int,
         backend: str = "gloo",
         bf16_moments: bool = False,
+        experts: ExpertSplit | None = None,
     ) -> None:
         deepspeed = import_deepspeed(backend)
         for p in not_in_norm:
             p.ds_pipe_replicated = True  # DeepSpeed's own flag: skipped by its norm
-        ds_config = {
+        self._name_of = {id(p): n for n, p in module.named_parameters()}
+        self.experts = experts
+        self.dp_group = dp_group
+        self.pp_group = pp_group
+        self._grad_bytes = 0
+        self._fixed_norm: torch.Tensor | None = None
+        self.ds_config = {
             "train_micro_batch_size_per_gpu": micro_batch_size,
             "gradient_accumulation_steps": num_microbatches,
             "zero_optimization": {
@@ -133,27 +147,38 @@ class DeepSpeedZero:
             "steps_per_print": 2**62,
             "wall_clock_breakdown": False,
         }
-        self.engine, self.zero, _, _ = deepspeed.initialize(
-            model=module, optimizer=stage_adamw(module, optim, bf16_moments), config=ds_config, mpu=_StageMpu(dp_group),
-            dist_init_required=False,
-        )
         self.params = [p for p in module.parameters() if p.requires_grad]
-        self._name_of = {id(p): n for n, p in module.named_parameters()}
-        self.dp_group = dp_group
-        self._grad_bytes = 0
-        self._wrap_norm_and_clip(optim.grad_clip, dp_group, pp_group)
+        if experts is None:
+            self.engine, self.zero, _, _ = deepspeed.initialize(
+                model=module, optimizer=stage_adamw(module, optim, bf16_moments), config=self.ds_config,
+                mpu=_StageMpu(dp_group), dist_init_required=False,
+            )
+            self.expert_part = None
+        else:
+            # Two partitions: dense parameters over the dp group, the expert shard over its expert-data-parallel
+            # group (a DeepSpeed ZeRO-1 of its own; plain AdamW when the shard has no replica, edp = 1).
+            named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+            dense = [(n, p) for n, p in named if not experts.holds(p)]
+            self.engine, self.zero, _, _ = deepspeed.initialize(
+                model=_Holder(dense), optimizer=make_adamw(dense, optim, bf16_moments=bf16_moments),
+                config=self.ds_config, mpu=_StageMpu(dp_group), dist_init_required=False,
+            )
+            self.expert_part = _ExpertPart(
+                deepspeed, [(n, p) for n, p in named if experts.holds(p)], optim, experts, self.ds_config,
+                bf16_moments,
+            )
+        self._wrap_norm_and_clip(self.zero, optim.grad_clip, dp_group, pp_group)
 
     def after_backward(self) -> None:
         pass  # ZeRO-1 reduces at the step
 
     def mean_gradients(self, params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
-        return replicated_mean_gradients(params, self.dp_group)
+        return replicated_mean_gradients(params, self.dp_group, self.experts)
 
     def _held_grad_bytes(self) -> int:
         return held_grad_bytes(self.params)
 
-    def _wrap_norm_and_clip(self, max_norm: float, dp_group, pp_group) -> None:
-        zero = self.zero
+    def _wrap_norm_and_clip(self, zero, max_norm: float, dp_group, pp_group) -> None:
         # The override reads averaged_gradients: CPU offload keeps its gradients elsewhere, and DeepSpeed MoE groups
         # would need their norms averaged over their own groups. Neither is configured here; refuse, not mis-clip.
         if zero.has_moe_layers or zero.cpu_offload:
@@ -162,19 +187,12 @@ class DeepSpeedZero:
                                       f"cpu_offload={zero.cpu_offload})")
         self._last_norm = torch.zeros((), dtype=torch.float64)
 
-        def partition_grads():
-            # What DeepSpeed's get_grad_norm_direct reads: this rank's slices of the dp-averaged gradients of each
-            # group, padding skipped, paired with their parameters (so that replicas can be skipped).
-            for i in range(len(zero.bit16_groups)):
-                grads = (g for g in zero.averaged_gradients[i] if not getattr(g, "_zero_padding", False))
-                for g, p in zip(grads, zero.params_in_partition[i]):
-                    if not getattr(p, "ds_pipe_replicated", False):
-                        yield g
-
         def global_norm(norm_type: int = 2) -> torch.Tensor:
             if norm_type != 2:
                 raise ValueError(f"only the L2 gradient norm is supported, got norm_type={norm_type}")
-            partition_sq = squared_norm(partition_grads(), device=zero.device)
+            if self._fixed_norm is not None:  # expert parallelism: computed over both partitions before the step
+                return self._fixed_norm
+            partition_sq = squared_norm(partition_grads(zero), device=zero.device)
             dist.all_reduce(partition_sq, group=dp_group)  # the stage's partitions
             self._last_norm = pipeline_norm(partition_sq, pp_group)
             return self._last_norm
@@ -186,87 +204,274 @@ class DeepSpeedZero:
                     g.mul_(coef.to(g.device, g.dtype))
 
         # Instance attributes shadow the optimizer's methods; step() calls them by name.
-        self.zero.scaled_global_norm = global_norm
-        self.zero.unscale_and_clip_grads = clip
+        zero.scaled_global_norm = global_norm
+        zero.unscale_and_clip_grads = clip
 
     def step(self, lr: float) -> float:
         self._grad_bytes = self._held_grad_bytes()
         set_lr(self.zero.optimizer, lr)
-        if not self.zero.partition_gradients:
-            # ZeRO-1 sets up its reduction buffers from a gradient-accumulation hook. A zero-bubble W adds its
-            # deferred weight gradients to .grad directly (raymoe.parallel.weight_grad), so on a stage whose every
-            # backward was split that hook may never fire: set the buffers up here (a no-op when a hook already did).
-            self.zero.setup_buckets()
-        self.engine.step()
+        _setup_buckets(self.zero)
+        if self.expert_part is None:
+            self.engine.step()
+            return float(self._last_norm)
+        # Expert parallelism: reduce both partitions first, one norm over both, then both updates with its factor.
+        self.expert_part.reduce()
+        _reduce(self.engine)
+        partition_sq = squared_norm(partition_grads(self.zero), device=self.zero.device)
+        partition_sq = partition_sq + self.expert_part.partition_sq()
+        dist.all_reduce(partition_sq, group=self.dp_group)  # dense and expert partitions both tile the dp group
+        self._last_norm = self._fixed_norm = pipeline_norm(partition_sq, self.pp_group)
+        try:
+            _step_reduced(self.engine)
+            self.expert_part.step(lr, self._fixed_norm)
+        finally:
+            self._fixed_norm = None
         return float(self._last_norm)
 
     def memory(self) -> OptimizerMemory:
         master = sum(t.numel() * t.element_size() for t in self.zero.single_partition_of_fp32_groups)
-        return OptimizerMemory(
-            state_bytes=optimizer_state_bytes(self.zero.optimizer), master_bytes=master, grad_bytes=self._grad_bytes
-        )
+        state = optimizer_state_bytes(self.zero.optimizer)
+        if self.expert_part is not None:
+            master += self.expert_part.master_bytes()
+            state += self.expert_part.state_bytes()
+        return OptimizerMemory(state_bytes=state, master_bytes=master, grad_bytes=self._grad_bytes)
 
     def state_dict(self) -> dict:
-        """This rank's partition: its flat fp32 master weights and the AdamW state over them.
+        """This rank's partition: its flat fp32 master weights and the AdamW state over them (and, with expert
+        parallelism, under ``experts``, the expert shard's own partition or AdamW state, named by global id).
 
         Not DeepSpeed's own ``state_dict()``, which pickles DeepSpeed objects (its loss scaler) and could then only
         be read by unpickling arbitrary classes; the model's parameters are saved beside this, in the same shard.
         """
-        return {
-            "kind": "deepspeed-zero",
-            "dp_rank": dist.get_rank(self.zero.dp_process_group),
-            "dp_size": dist.get_world_size(self.zero.dp_process_group),
-            "master": [t.detach().clone() for t in self.zero.single_partition_of_fp32_groups],
-            "adamw": self.zero.optimizer.state_dict(),
-            "slices": [[[self._name_of[id(p)], *where] for p, *where in group] for group in self._partition_slices()],
-        }
+        state = zero_partition_state(self.zero, self._name_of)
+        if self.expert_part is not None:
+            state["experts"] = self.expert_part.state_dict()
+        return state
 
-    def _partition_slices(self) -> list[list[tuple[nn.Parameter, int, int, int]]]:
-        """Per group: (param, start in this rank's flat partition, start in the flattened param, numel) for every
-        parameter that overlaps the partition -- DeepSpeed's own mapping (``_hp_mapping``, None elsewhere)."""
-        assert all(len(g["params"]) == 1 for g in self.zero.optimizer.param_groups), "one flat partition per group"
-        slices = []
-        for group in self.zero.bit16_groups:
-            pieces = []
-            for p in group:
-                mapping = getattr(p, "_hp_mapping", None)
-                if mapping is not None:
-                    hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
-                    pieces.append((p, hp.start, lp.start, lp.numel))
-            slices.append(pieces)
-        return slices
+    def _partition_slices(self):
+        return partition_slices(self.zero)
 
     def load_param_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
         """The fp32 master partition from the (already loaded) parameters, and AdamW's state over it from
         ``states`` (created here if the optimizer never stepped; the padding's moments stay zero)."""
-        from raymoe.checkpoint.reshard import flat_state
-
-        slices = self._partition_slices()
-        masters = self.zero.single_partition_of_fp32_groups
-        with torch.no_grad():
-            for master, pieces in zip(masters, slices):
-                for p, part_start, param_start, numel in pieces:
-                    master.narrow(0, part_start, numel).copy_(p.detach().reshape(-1).narrow(0, param_start, numel))
-        by_position = {}
-        for group, (master, pieces) in enumerate(zip(masters, slices)):
-            named = [[self._name_of[id(p)], *where] for p, *where in pieces]
-            flat = flat_state(master.numel(), named, states, source=f"ZeRO partition group {group}")
-            if flat is not None:
-                by_position[group] = flat
-        if by_position:
-            self.zero.optimizer.load_state_dict(adamw_state_dict(self.zero.optimizer, by_position))
+        load_zero_param_states(self.zero, self._name_of, states)
+        if self.expert_part is not None:
+            self.expert_part.load_param_states(states)
 
     def load_state_dict(self, state: dict) -> None:
-        check_kind(state, "deepspeed-zero")
-        dp_size = dist.get_world_size(self.zero.dp_process_group)
-        if state["dp_size"] != dp_size or state["dp_rank"] != dist.get_rank(self.zero.dp_process_group):
-            raise ValueError(f"ZeRO partition {state['dp_rank']}/{state['dp_size']} cannot load into rank "
-                             f"{dist.get_rank(self.zero.dp_process_group)}/{dp_size}")
-        live = self.zero.single_partition_of_fp32_groups
-        shapes = [tuple(t.shape) for t in state["master"]]
-        if shapes != [tuple(t.shape) for t in live]:
-            raise ValueError(f"ZeRO master partition shapes {shapes} != this rank's {[tuple(t.shape) for t in live]}")
-        with torch.no_grad():
-            for target, saved in zip(live, state["master"]):
-                target.copy_(saved)
-        self.zero.optimizer.load_state_dict(state["adamw"])
+        load_zero_partition_state(self.zero, state)
+        if self.expert_part is not None:
+            if "experts" not in state:
+                raise ValueError("this checkpoint's optimizer state has no expert partition (saved without "
+                                 "expert parallelism); resume it with --reshard")
+            self.expert_part.load_state_dict(state["experts"])
+
+
+def _setup_buckets(zero) -> None:
+    if not zero.partition_gradients:
+        # ZeRO-1 sets up its reduction buffers from a gradient-accumulation hook. A zero-bubble W adds its
+        # deferred weight gradients to .grad directly (raymoe.parallel.weight_grad), so on a stage whose every
+        # backward was split that hook may never fire: set the buffers up here (a no-op when a hook already did).
+        zero.setup_buckets()
+
+
+def _reduce(engine) -> None:
+    """The reduction ``engine.step()`` starts with, alone. With caller-owned accumulation DeepSpeed treats only the
+    inside of ``step()`` as the accumulation boundary (``_running_engine_step``), and ZeRO-1 reduces only there."""
+    engine._running_engine_step = True
+    try:
+        engine.allreduce_gradients()
+    finally:
+        engine._running_engine_step = False
+
+
+def _step_reduced(engine) -> None:
+    """``engine.step()`` on gradients already reduced by ``engine.allreduce_gradients()``: the engine's own
+    reduction at the step (ZeRO-1 reduces there) is switched off for this call."""
+    engine.enable_backward_allreduce = False
+    try:
+        engine.step()
+    finally:
+        engine.enable_backward_allreduce = True
+
+
+def partition_grads(zero):
+    """What DeepSpeed's get_grad_norm_direct reads: this rank's slices of the dp-averaged gradients of each group,
+    padding skipped, paired with their parameters (so that replicas can be skipped)."""
+    for i in range(len(zero.bit16_groups)):
+        grads = (g for g in zero.averaged_gradients[i] if not getattr(g, "_zero_padding", False))
+        for g, p in zip(grads, zero.params_in_partition[i]):
+            if not getattr(p, "ds_pipe_replicated", False):
+                yield g
+
+
+def zero_partition_state(zero, name_of: dict[int, str]) -> dict:
+    """A ZeRO optimizer's partition as a shard keeps it: flat fp32 masters, AdamW over them, and which parameter
+    each slice belongs to (by model name: the resharding index)."""
+    return {
+        "kind": "deepspeed-zero",
+        "dp_rank": dist.get_rank(zero.dp_process_group),
+        "dp_size": dist.get_world_size(zero.dp_process_group),
+        "master": [t.detach().clone() for t in zero.single_partition_of_fp32_groups],
+        "adamw": zero.optimizer.state_dict(),
+        "slices": [[[name_of[id(p)], *where] for p, *where in group] for group in partition_slices(zero)],
+    }
+
+
+def partition_slices(zero) -> list[list[tuple[nn.Parameter, int, int, int]]]:
+    """Per group: (param, start in this rank's flat partition, start in the flattened param, numel) for every
+    parameter that overlaps the partition -- DeepSpeed's own mapping (``_hp_mapping``, None elsewhere)."""
+    assert all(len(g["params"]) == 1 for g in zero.optimizer.param_groups), "one flat partition per group"
+    slices = []
+    for group in zero.bit16_groups:
+        pieces = []
+        for p in group:
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is not None:
+                hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
+                pieces.append((p, hp.start, lp.start, lp.numel))
+        slices.append(pieces)
+    return slices
+
+
+def load_zero_param_states(zero, name_of: dict[int, str], states: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Resharding: the fp32 master partition from the (already loaded) parameters, and AdamW's state over it from
+    ``states`` (created here if the optimizer never stepped; the padding's moments stay zero)."""
+    from raymoe.checkpoint.reshard import flat_state
+
+    slices = partition_slices(zero)
+    masters = zero.single_partition_of_fp32_groups
+    with torch.no_grad():
+        for master, pieces in zip(masters, slices):
+            for p, part_start, param_start, numel in pieces:
+                master.narrow(0, part_start, numel).copy_(p.detach().reshape(-1).narrow(0, param_start, numel))
+    by_position = {}
+    for group, (master, pieces) in enumerate(zip(masters, slices)):
+        named = [[name_of[id(p)], *where] for p, *where in pieces]
+        flat = flat_state(master.numel(), named, states, source=f"ZeRO partition group {group}")
+        if flat is not None:
+            by_position[group] = flat
+    if by_position:
+        zero.optimizer.load_state_dict(adamw_state_dict(zero.optimizer, by_position))
+
+
+def load_zero_partition_state(zero, state: dict) -> None:
+    """The inverse of ``zero_partition_state``, same layout (same partition of the same group)."""
+    check_kind(state, "deepspeed-zero")
+    dp_size = dist.get_world_size(zero.dp_process_group)
+    if state["dp_size"] != dp_size or state["dp_rank"] != dist.get_rank(zero.dp_process_group):
+        raise ValueError(f"ZeRO partition {state['dp_rank']}/{state['dp_size']} cannot load into rank "
+                         f"{dist.get_rank(zero.dp_process_group)}/{dp_size}")
+    live = zero.single_partition_of_fp32_groups
+    shapes = [tuple(t.shape) for t in state["master"]]
+    if shapes != [tuple(t.shape) for t in live]:
+        raise ValueError(f"ZeRO master partition shapes {shapes} != this rank's {[tuple(t.shape) for t in live]}")
+    with torch.no_grad():
+        for target, saved in zip(live, state["master"]):
+            target.copy_(saved)
+    zero.optimizer.load_state_dict(state["adamw"])
+
+
+class _Holder(nn.Module):
+    """A module that only *holds* some of a stage's parameters, for a DeepSpeed engine that partitions them: the
+    executor runs the stage itself, never this module."""
+
+    def __init__(self, named: list[tuple[str, nn.Parameter]]) -> None:
+        super().__init__()
+        self.held = nn.ParameterList([p for _, p in named])
+
+    def forward(self, *args):  # pragma: no cover - never called
+        raise RuntimeError("a parameter holder has no forward")
+
+
+class _ExpertPart:
+    """The optimizer of this rank's expert shard: ZeRO-1 over the expert-data-parallel group (DeepSpeed), or plain
+    AdamW when the shard has no replica (edp = 1). Its gradients are scaled to the dense parameters' 1/dp."""
+
+    def __init__(self, deepspeed, named: list[tuple[str, nn.Parameter]], optim: OptimConfig,
+                 experts: ExpertSplit, ds_config: dict, bf16_moments: bool) -> None:
+        self.params = [p for _, p in named]
+        self.names = [n for n, _ in named]
+        self.name_of = {id(p): n for n, p in named}
+        self.experts = experts
+        self.max_norm = optim.grad_clip
+        if experts.edp_group is None:
+            self.engine = self.zero = None
+            self.adamw = make_adamw(named, optim, bf16_moments=bf16_moments)
+        else:
+            self.adamw = None
+            self.engine, self.zero, _, _ = deepspeed.initialize(
+                model=_Holder(named), optimizer=make_adamw(named, optim, bf16_moments=bf16_moments),
+                config=ds_config, mpu=_StageMpu(experts.edp_group), dist_init_required=False,
+            )
+            self.zero.scaled_global_norm = lambda norm_type=2: self._norm
+            self.zero.unscale_and_clip_grads = self._clip
+        self._norm = torch.zeros((), dtype=torch.float64)
+
+    def _clip(self, grad_groups_flat, total_norm) -> None:
+        if self.max_norm > 0:
+            coef = clip_coefficient(total_norm, self.max_norm)
+            for g in grad_groups_flat:
+                g.mul_(coef.to(g.device, g.dtype))
+
+    def reduce(self) -> None:
+        """Sum over the expert-data-parallel group and scale by 1/dp (ZeRO divides by edp itself: pre-scale by
+        edp / dp = 1 / ep)."""
+        for p in self.params:
+            if p.grad is None:  # an idle expert: a zero gradient keeps every replica's optimizer in step
+                p.grad = torch.zeros_like(p)
+        if self.zero is None:
+            for p in self.params:
+                p.grad.div_(self.experts.dp_size)
+            return
+        edp = dist.get_world_size(self.experts.edp_group)
+        for p in self.params:
+            p.grad.mul_(edp / self.experts.dp_size)
+        _setup_buckets(self.zero)
+        _reduce(self.engine)
+
+    def partition_sq(self) -> torch.Tensor:
+        """Squares of this rank's piece of the expert gradients: its ZeRO partition, or its whole shard."""
+        if self.zero is not None:
+            return squared_norm(partition_grads(self.zero), device=self.zero.device)
+        counted = (p.grad for p in self.params if not getattr(p, "ds_pipe_replicated", False))
+        return squared_norm(counted, device=self.params[0].device if self.params else "cpu")
+
+    def step(self, lr: float, total_norm: torch.Tensor) -> None:
+        if self.zero is not None:
+            self._norm = total_norm
+            set_lr(self.zero.optimizer, lr)
+            _step_reduced(self.engine)
+            return
+        if self.max_norm > 0:
+            coef = clip_coefficient(total_norm, self.max_norm)
+            for p in self.params:
+                p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+        set_lr(self.adamw, lr)
+        self.adamw.step()
+        self.adamw.zero_grad(set_to_none=True)
+
+    def master_bytes(self) -> int:
+        if self.zero is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self.zero.single_partition_of_fp32_groups)
+
+    def state_bytes(self) -> int:
+        return optimizer_state_bytes(self.zero.optimizer if self.zero is not None else self.adamw)
+
+    def state_dict(self) -> dict:
+        if self.zero is not None:
+            return zero_partition_state(self.zero, self.name_of)
+        return adamw_shard_state(self.adamw, self.names)
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.zero is not None:
+            load_zero_partition_state(self.zero, state)
+        else:
+            load_adamw_shard_state(self.adamw, state, source="expert shard")
+
+    def load_param_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        if self.zero is not None:
+            load_zero_param_states(self.zero, self.name_of, states)
+        else:
+            load_adamw_param_states(self.adamw, self.names, states)

@@ -21,6 +21,7 @@ from raymoe.fp8 import optimizer_state_bytes
 from raymoe.train.clip import clip_coefficient, squared_norm
 from raymoe.train.optim import set_lr
 from raymoe.zero.common import (
+    ExpertSplit,
     OptimizerMemory,
     held_grad_bytes,
     pipeline_norm,
@@ -30,15 +31,18 @@ from raymoe.zero.common import (
 
 
 class LocalAdamW:
-    """torch AdamW on this rank's parameters; gradients averaged over ``dp_group`` (if any) by all-reduce."""
+    """torch AdamW on this rank's parameters; gradients averaged over ``dp_group`` (if any) by all-reduce, routed
+    experts (``experts``, expert parallelism) over their expert-data-parallel group with the same 1/dp."""
 
     def __init__(
-        self, module: nn.Module, optim: OptimConfig, *, dp_group, pp_group, not_in_norm=(), bf16_moments: bool = False
+        self, module: nn.Module, optim: OptimConfig, *, dp_group, pp_group, not_in_norm=(), bf16_moments: bool = False,
+        experts: ExpertSplit | None = None,
     ) -> None:
         self.optim = optim
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.dp_group = dp_group
         self.pp_group = pp_group
+        self.experts = experts
         skip = {id(p) for p in not_in_norm}
         self.norm_params = [p for p in self.params if id(p) not in skip]
         self.optimizer = stage_adamw(module, optim, bf16_moments)
@@ -49,19 +53,35 @@ class LocalAdamW:
         pass  # gradients stay on the parameters until the step
 
     def mean_gradients(self, params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
-        return replicated_mean_gradients(params, self.dp_group)
+        return replicated_mean_gradients(params, self.dp_group, self.experts)
 
     def step(self, lr: float) -> float:
+        from raymoe.parallel.groups import all_reduce_sum
+
         self._grad_bytes = held_grad_bytes(self.params)
+        experts = self.experts
+        if experts is not None:  # idle experts still take part in the reductions: a zero gradient, not None
+            for p in experts.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         grads = [p.grad for p in self.params if p.grad is not None]
         if self.dp_group is not None:
-            from raymoe.parallel.groups import all_reduce_sum
-
-            all_reduce_sum(grads, self.dp_group)
+            is_expert = [experts is not None and experts.holds(p) for p in self.params if p.grad is not None]
+            all_reduce_sum([g for g, e in zip(grads, is_expert) if not e], self.dp_group)
+            if experts is not None:
+                all_reduce_sum([g for g, e in zip(grads, is_expert) if e], experts.edp_group)
             for g in grads:
                 g.div_(dist.get_world_size(self.dp_group))
         device = self.params[0].device if self.params else "cpu"
-        stage_sq = squared_norm((p.grad for p in self.norm_params if p.grad is not None), device=device)
+        if experts is None:
+            stage_sq = squared_norm((p.grad for p in self.norm_params if p.grad is not None), device=device)
+        else:  # dense gradients are replicated over dp, expert shards differ over ep: sum their squares over ep
+            norm = [p for p in self.norm_params if p.grad is not None]
+            stage_sq = squared_norm((p.grad for p in norm if not experts.holds(p)), device=device)
+            expert_sq = squared_norm((p.grad for p in norm if experts.holds(p)), device=device)
+            if experts.ep_group is not None:
+                dist.all_reduce(expert_sq, group=experts.ep_group)
+            stage_sq = stage_sq + expert_sq
         total = pipeline_norm(stage_sq, self.pp_group)
         if self.optim.grad_clip > 0:
             coef = clip_coefficient(total, self.optim.grad_clip)
