@@ -6,8 +6,9 @@ our own ``--format hf`` exports and directories written by transformers' ``save_
 or experts stacked as ``gate_up_proj`` / ``down_proj``; one file or a sharded index).
 
 The MTP module has no place in transformers' model. A directory that holds it (ours, or the released layout at
-layer ``num_layers + k``) provides it; otherwise MTP parameters start fresh from ``init_weights`` (seeded by
-``run.seed`` of the directory's config, so every worker builds the same values) and say so on stderr.
+layer ``num_layers + k``) provides it; otherwise MTP parameters start fresh from the model's own init (seeded
+by ``run.seed`` of the directory's config and each parameter's name, so every worker builds the same values),
+and say so on stderr.
 """
 
 from __future__ import annotations
@@ -175,16 +176,17 @@ def _biases(d: HfDir) -> torch.Tensor:
 
 @lru_cache(maxsize=2)
 def _fresh_mtp(path: str, stamp: int) -> dict[str, torch.Tensor]:
-    """Every MTP parameter, initialised once per directory version (``stamp``) and process."""
-    from raymoe.model.build import init_weights
+    """Every MTP parameter, initialised once per directory version (``stamp``) and process, with the values the
+    model's own shard-safe init gives them (each parameter's stream is seeded by the run seed and its name)."""
+    from torch import nn
+
+    from raymoe.model.build import materialize
     from raymoe.model.mtp import MTPModule
 
     config = open_dir(path).config()
-    out = {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.run.seed)
-        for k in range(max(config.mtp.depth, 1)):
-            module = MTPModule(config.model, config.routing, moe_slot=config.model.num_layers + k)
-            init_weights(module, config.model.init_std)
-            out.update({f"mtp.{k}.{n}": p.detach().clone() for n, p in module.named_parameters()})
-    return out
+    holder = nn.Module()  # so that parameters are named mtp.{k}.*, as in the full model
+    with torch.device("meta"):
+        holder.mtp = nn.ModuleList(MTPModule(config.model, config.routing, moe_slot=config.model.num_layers + k)
+                                   for k in range(max(config.mtp.depth, 1)))
+    materialize(holder, device="cpu", std=config.model.init_std, run_seed=config.run.seed)
+    return {name: p.detach() for name, p in holder.named_parameters()}
