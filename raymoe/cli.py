@@ -20,6 +20,8 @@ _COMMANDS = (
     ("bench", "bench", "bench"),
     ("report", "report", "report"),
     ("checkpoint", "checkpoint", "checkpoint"),
+    ("generate", "generate", "generate"),
+    ("eval", "eval", "eval_command"),
 )
 
 

@@ -74,8 +74,13 @@ def export_safetensors(checkpoint: Path, out: Path, *, dtype: str = "fp32") -> P
 
 def check_export(path: Path, config) -> None:
     """Before any worker starts: ``path`` is an export whose tensors are exactly ``config``'s model parameters
-    (names and shapes, read from the header only) plus the routing biases."""
+    (names and shapes, read from the header only) plus the routing biases; or a Hugging Face DeepSeek-V3
+    directory of that model (``raymoe.interop.hf_import``)."""
+    from raymoe.interop.hf_import import check_hf_dir, is_hf_dir
     from raymoe.model import build_model
+
+    if is_hf_dir(path):
+        return check_hf_dir(path, config)
 
     header = _header(path)
     model = build_model(config, device="meta")
@@ -88,6 +93,11 @@ def check_export(path: Path, config) -> None:
 def read_tensors(path: Path, names) -> dict[str, torch.Tensor]:
     """Only the tensors ``names`` (a pipeline stage reads its own chunk's, not the whole model)."""
     from safetensors import safe_open
+
+    from raymoe.interop.hf_import import is_hf_dir, read_hf_tensors
+
+    if is_hf_dir(path):
+        return read_hf_tensors(path, names)
 
     with safe_open(str(path), framework="pt") as f:
         return {name: f.get_tensor(name) for name in names}

@@ -56,19 +56,26 @@ def inspect(path, verify) -> None:
 
 @checkpoint.command()
 @click.argument("path", type=click.Path())
-@click.option("--out", "out", required=True, type=click.Path(), help="The .safetensors file to write.")
+@click.option("--out", "out", required=True, type=click.Path(),
+              help="The .safetensors file (--format raymoe) or the model directory (--format hf) to write.")
+@click.option("--format", "fmt", type=click.Choice(["raymoe", "hf"]), default="raymoe", show_default=True,
+              help="raymoe: one safetensors file, our names; hf: a Hugging Face DeepSeek-V3 directory.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="fp32: the master weights as trained; bf16: half the size, for inference.")
-def export(path, out, dtype) -> None:
-    """Write a checkpoint's whole model as one safetensors file (PATH: run dir, checkpoints/ or step-*/).
+def export(path, out, fmt, dtype) -> None:
+    """Write a checkpoint's whole model (PATH: run dir, checkpoints/ or step-*/).
 
-    Start a run of any layout from it with `raymoe train --init-from FILE`."""
+    --format raymoe: one safetensors file; start a run of any layout from it with `raymoe train --init-from FILE`.
+    --format hf: a directory that `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads (config.json,
+    model.safetensors under transformers' names, tokenizer files); `--init-from DIR` reads it back."""
     from raymoe.checkpoint import resolve_checkpoint
     from raymoe.checkpoint.export import export_safetensors
+    from raymoe.interop.hf_export import export_hf
 
     try:
         chosen = resolve_checkpoint(path)
-        written = export_safetensors(chosen, out, dtype=dtype)
+        written = (export_hf if fmt == "hf" else export_safetensors)(chosen, out, dtype=dtype)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"exported {chosen} -> {written} ({written.stat().st_size / 2**20:.1f} MiB, {dtype})")
+    size = sum(f.stat().st_size for f in written.iterdir()) if written.is_dir() else written.stat().st_size
+    click.echo(f"exported {chosen} -> {written} ({size / 2**20:.1f} MiB, {dtype}, {fmt})")

@@ -367,12 +367,20 @@ class RunConfig:
     on a multi-node cluster it must be storage all nodes share. A relative path is relative to the current
     directory of the process that runs the driver, like ``out_dir`` and ``data.path`` (not to ``out_dir``: then
     ``--out`` would silently move checkpoints that a shared-storage setting put elsewhere)."""
+    eval_every: int = 0
+    """Evaluate loss / perplexity / bits per byte on ``eval_data`` every this many steps and after the last one,
+    into that step's metrics record (``eval_*``); 0 never (``raymoe eval`` evaluates afterwards)."""
+    eval_data: str = ""
+    """The dataset directory evaluated (e.g. a ``prepare-data --holdout`` split); empty = ``data.path``."""
+    eval_tokens: int = 16384
+    """Labels evaluated each time (consecutive windows from the dataset's start); 0 = the whole dataset."""
 
     def __post_init__(self) -> None:
         _check_numbers(self, "run")
         _positive("run", steps=self.steps, log_every=self.log_every, keep_checkpoints=self.keep_checkpoints)
         _non_negative("run", checkpoint_every=self.checkpoint_every, max_failures=self.max_failures,
-                      step_timeout_s=self.step_timeout_s, seed=self.seed)
+                      step_timeout_s=self.step_timeout_s, seed=self.seed,
+                      eval_every=self.eval_every, eval_tokens=self.eval_tokens)
         if self.step_timeout_s > MAX_TIMEOUT_S:
             raise ValueError(f"run.step_timeout_s must be <= {MAX_TIMEOUT_S:g} (0 means no limit), got "
                              f"{self.step_timeout_s}")

@@ -25,6 +25,7 @@ from raymoe.checkpoint import Layout
 from raymoe.checkpoint.compat import check_steps
 from raymoe.checkpoint.run_state import read_run_state
 from raymoe.config import Config
+from raymoe.evaluate import PeriodicEval
 from raymoe.runtime.driver import Driver, DriverState, FailFast, RestartFromCheckpoint, validate_layout
 from raymoe.train.metrics import check_finite
 from raymoe.train.preflight import preflight
@@ -186,6 +187,7 @@ class _Loop:
         self.last_checkpoint: Path | None = last_checkpoint
         """Only checkpoints of this run (or the one it resumed from) are recovered from."""
         self.bar = None
+        self.evals = PeriodicEval(config)
 
     def run(self, stop, progress: bool) -> None:
         config, driver = self.config, self.driver
@@ -210,6 +212,7 @@ class _Loop:
     def _step(self) -> None:
         report = self.driver.step()
         record = report.record
+        record.update(self.evals.after_ray_step(self.driver, self.run_dir.path))
         self.run_dir.log(record)
         self.exporter.record(record, report.results)
         check_finite(record, last_checkpoint=self.last_checkpoint)  # a diverged run saves nothing more

@@ -84,6 +84,9 @@ _RUN_GAUGES = {
     "step_time_s": "Seconds the last optimizer step took.",
     "learning_rate": "Learning rate of the last step.",
     "grad_norm": "Global gradient norm before clipping.",
+    "eval_loss": "Held-out cross-entropy (nats/token) at the last run.eval_every step.",
+    "eval_perplexity": "Held-out perplexity at the last run.eval_every step.",
+    "eval_bits_per_byte": "Held-out bits per UTF-8 byte at the last run.eval_every step.",
 }
 _RECORD_KEYS = {"learning_rate": "lr"}  # metric name -> StepMetrics key, where they differ
 _RANK_GAUGES = {

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from raymoe.checkpoint import Manifest
 from raymoe.checkpoint.compat import check_steps
 from raymoe.config import Config
+from raymoe.evaluate import PeriodicEval
 from raymoe.train.metrics import check_finite
 from raymoe.train.preflight import preflight
 from raymoe.train.reference import ReferenceTrainer
@@ -30,6 +31,7 @@ def train_local(
     out_dir = out_dir or config.run.out_dir
     preflight(config, out_dir, engine="local", fresh=resume is None, overwrite=overwrite)  # before any write
     trainer = ReferenceTrainer(config, device=config.parallel.device)
+    evals = PeriodicEval(config)
     if resume is not None:  # refused before anything is written if it does not continue this config
         check_steps(Manifest.read(Path(resume)), config.run.steps, source=str(resume))
         trainer.restore(Path(resume), reshard=reshard)
@@ -44,6 +46,7 @@ def train_local(
         with StopRequests() as stop:
             while trainer.step_index < config.run.steps:
                 record = trainer.step()
+                record.update(evals.after_step(trainer.step_index, trainer.model, trainer.routing_bias_RE))
                 run_dir.log(record)
                 check_finite(record, last_checkpoint=last_checkpoint)
                 bar.update(1)
