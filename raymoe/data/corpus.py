@@ -32,12 +32,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from raymoe.data.prepare import DEFAULT_SHARD_TOKENS, decode_text
-from raymoe.data.shards import DatasetInfo, read_manifest, write_dataset
+from raymoe.data.manifest import DatasetInfo, read_manifest
+from raymoe.data.prepare import DEFAULT_SHARD_TOKENS
+from raymoe.data.shards import write_dataset
+from raymoe.data.sources import decode_text
 from raymoe.data.tokenizer import ByteTokenizer
 
 DEFAULT_BYTE_BUDGET = 8 << 20
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2  # 2: format-v2 shards (row groups indexed in the manifest)
 SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 
 
