@@ -22,8 +22,8 @@ from raymoe.data.bpe import HFTokenizer, load_tokenizer, save_tokenizer, train_b
 from raymoe.data.corpus import DEFAULT_BYTE_BUDGET, build_embedded_corpus, embedded_dataset
 from raymoe.data.dataset import TokenDataset, check_vocab_fits, dataset_tokenizer, load_dataset
 from raymoe.data.loader import Cursor, PackedBatches
-from raymoe.data.prepare import DEFAULT_SHARD_TOKENS, prepare_data
 from raymoe.data.manifest import DatasetInfo, ShardInfo, read_manifest
+from raymoe.data.prepare import DEFAULT_SHARD_TOKENS, prepare_data
 from raymoe.data.stream import TokenStream
 from raymoe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, ByteTokenizer, Tokenizer, TokenizerInfo
 

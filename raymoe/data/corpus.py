@@ -82,6 +82,14 @@ def build_embedded_corpus(
         )
 
 
+def embedded_texts(byte_budget: int = DEFAULT_BYTE_BUDGET) -> Iterator[str]:
+    """The embedded corpus's documents as text, in order (what ``raymoe train-tokenizer --embedded`` learns from)."""
+    root = stdlib_root()
+    files = select_files(stdlib_files(root), root, byte_budget)
+    for _, text in _documents(files, root, tqdm(disable=True)):
+        yield text
+
+
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)

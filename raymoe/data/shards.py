@@ -110,7 +110,9 @@ class DatasetWriter:
         self.tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
         self.tmp.mkdir()
         self._train = _SplitWriter(self.tmp, tokenizer, shard_tokens, row_group_tokens)
-        self._held = _SplitWriter(self.tmp / HOLDOUT_DIR, tokenizer, shard_tokens, row_group_tokens) if holdout else None
+        self._held = None
+        if holdout:
+            self._held = _SplitWriter(self.tmp / HOLDOUT_DIR, tokenizer, shard_tokens, row_group_tokens)
 
     def __enter__(self) -> DatasetWriter:
         return self

@@ -3,11 +3,11 @@
 Three formats, one rule each, shared by the single-process reader here and the Ray Data pipeline
 (``raymoe/runtime/data_prep.py``), so both see the same documents under the same names:
 
-| format  | chosen by        | a document is                     | its source name | default glob |
-|---------|------------------|-----------------------------------|-----------------|--------------|
-| text    | (default)        | a whole file                      | ``path``        | ``*.txt``    |
-| jsonl   | ``field=NAME``   | one JSON object per line, ``obj[NAME]`` | ``path#i`` (i-th record, blank lines skipped) | ``*.jsonl`` |
-| parquet | ``column=NAME``  | one row's string in ``NAME``      | ``path#i`` (i-th row) | ``*.parquet`` |
+- text (the default): a document is a whole file, named by its ``path``; default glob ``*.txt``;
+- jsonl (``field=NAME``): a document is ``obj[NAME]`` of one JSON object per line, named ``path#i`` for the
+  i-th record (blank lines skipped); default glob ``*.jsonl``;
+- parquet (``column=NAME``): a document is one row's string in ``NAME``, named ``path#i`` for the i-th row;
+  default glob ``*.parquet``.
 
 Files are read in a deterministic order (arguments in turn; a directory's matching files sorted by path;
 hidden directories skipped; duplicates once). Errors are ``ValueError``s that name the file and the line,
@@ -90,12 +90,19 @@ def decode_text(data: bytes, path: Path | str, on_binary: str) -> str | None:
     raise ValueError(f"source file {path} {problem}; convert it to UTF-8 text or pass on_binary='skip' (--skip-binary)")
 
 
+def text_problem(value, *, name: str, kind: str) -> str | None:
+    """Why one JSONL field / Parquet cell is not a document's text, or None when it is."""
+    if value is None:
+        return f"{kind} {name!r} is missing or null"
+    if not isinstance(value, str):
+        return f"{kind} {name!r} holds a {type(value).__name__}, not text"
+    return None
+
+
 def record_text(value, *, where: str, name: str, kind: str) -> str:
     """The text of one JSONL field / Parquet cell, or a ValueError saying ``where`` and why not."""
-    if value is None:
-        raise ValueError(f"{where}: {kind} {name!r} is missing or null")
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: {kind} {name!r} holds a {type(value).__name__}, not text")
+    if (problem := text_problem(value, name=name, kind=kind)) is not None:
+        raise ValueError(f"{where}: {problem}")
     return value
 
 

@@ -31,6 +31,7 @@ import torch
 from raymoe.checkpoint import CheckpointStore, Layout, Manifest
 from raymoe.checkpoint.run_state import RunState, build_manifest, read_run_state
 from raymoe.config import Config
+from raymoe.data import check_vocab_fits
 from raymoe.model import router_slots
 from raymoe.parallel.stage_plan import StagePlan, plan_stages
 from raymoe.parallel.topology import Topology
@@ -157,6 +158,7 @@ class Driver:
     ) -> None:
         self.config = config
         self.schedule, self.plan = validate_layout(config)
+        check_vocab_fits(config.data.path, config.model.vocab_size)  # the data's tokenizer, before any worker
         p = config.parallel
         self.topology = Topology(pp=p.pp, ep=p.ep, dp=p.dp)
         if worker_group is not None and worker_group.topology != self.topology:
