@@ -54,3 +54,6 @@ def train_tokenizer(
     info = tokenizer.info
     click.echo(f"{file}: {info.name}, vocab {info.vocab_size} (bos {info.bos_id}, eos {info.eos_id}, pad "
                f"{info.pad_id}), sha256 {info.sha256[:12]}, {time.perf_counter() - started:.2f} s")
+    if info.vocab_size < vocab_size:
+        click.echo(f"note: asked for {vocab_size}, got {info.vocab_size}: the corpus has no more pairs seen "
+                   f">= {min_frequency} times")
