@@ -10,7 +10,9 @@ from raymoe.cli import main
 from raymoe.data import ByteTokenizer, Tokenizer, load_tokenizer, save_tokenizer, train_bpe
 from raymoe.data.bpe import tokenizer_from_bytes
 
-TEXTS = ["def add(a, b):\n    return a + b\n" * 20, "naïve café — 日本語 🚀\n" * 10, "for i in range(10):\n    print(i)\n"] * 5
+TEXTS = [
+    "def add(a, b):\n    return a + b\n" * 20, "naïve café — 日本語 🚀\n" * 10, "for i in range(10):\n    print(i)\n"
+] * 5
 
 
 @pytest.fixture(scope="module")

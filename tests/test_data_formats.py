@@ -73,8 +73,8 @@ def test_tokenizer_is_recorded_and_shipped(jsonl, tmp_path, bpe):
     info = prepare_data([jsonl], tmp_path / "ds", field="text", tokenizer=bpe, progress=False)
     manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     shipped = (tmp_path / "ds" / "tokenizer.json").read_bytes()
-    assert manifest["tokenizer"] == {"name": "hf-bpe-280", "vocab_size": 280, "bos_id": 0, "eos_id": 1,
-                                     "pad_id": 2, "file": "tokenizer.json", "sha256": hashlib.sha256(shipped).hexdigest()}
+    assert manifest["tokenizer"] == {"name": "hf-bpe-280", "vocab_size": 280, "bos_id": 0, "eos_id": 1, "pad_id": 2,
+                                     "file": "tokenizer.json", "sha256": hashlib.sha256(shipped).hexdigest()}
     assert read_tokenizer_of_dataset(tmp_path / "ds").decode(TokenDataset(tmp_path / "ds").document(5)) == \
         RECORDS[5]["text"]
     assert info.tokenizer == bpe.info

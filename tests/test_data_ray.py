@@ -55,7 +55,7 @@ def test_same_bytes_for_1_and_4_blocks_and_the_local_path(ray_session, corpus, t
                   **options)
     local = prepare_data([corpus], tmp_path / "local", **common)
     one = prepare_data_ray([corpus], tmp_path / "one", num_blocks=1, **common)
-    four = prepare_data_ray([corpus], tmp_path / "four", num_blocks=4, **common)
+    prepare_data_ray([corpus], tmp_path / "four", num_blocks=4, **common)
     assert len(local.shards) > 1 and local.holdout is not None
     assert _files(tmp_path / "local") == _files(tmp_path / "one") == _files(tmp_path / "four")
     assert one == type(one)(**{**local.__dict__, "path": one.path})

@@ -107,8 +107,8 @@ def test_dataset_larger_than_a_memory_cap(tmp_path):
     ds = TokenDataset(tmp_path / "big")
     assert ds.num_tokens * ds.tokens.itemsize >= 2 * (cap_mib << 20)
     env = dict(os.environ, MALLOC_ARENA_MAX="1", PYTHONPATH=os.pathsep.join(sys.path))
-    run = subprocess.run([sys.executable, str(CAPPED), str(tmp_path / "big"), str(cap_mib)], env=env, capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run([sys.executable, str(CAPPED), str(tmp_path / "big"), str(cap_mib)], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     capped = json.loads(run.stdout.strip().splitlines()[-1])
     assert capped["whole_stream_fits"] is False  # the cap really is below the dataset

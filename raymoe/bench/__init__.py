@@ -6,6 +6,8 @@ plots, and returns a summary dict with a ``markdown`` entry (a table for the REA
 """
 
 BENCHMARKS = {
+    "data_prepare": "raymoe.bench.data_prepare",
+    "data_tokenizers": "raymoe.bench.data_tokenizers",
     "fp8_training": "raymoe.bench.fp8_training",
     "runtime_schedules": "raymoe.bench.runtime_schedules",
 }
