@@ -51,11 +51,9 @@ def build_corpus(root: Path, target_mb: int) -> tuple[int, int]:
 
 
 def run(out_dir: Path, *, quick: bool = False, target_mb: int = 100) -> dict:
-    import ray
-
     from raymoe.data import ByteTokenizer, prepare_data, train_bpe
     from raymoe.data.corpus import embedded_texts
-    from raymoe.runtime.data_prep import prepare_data_ray
+    from raymoe.runtime.data_prep import prepare_data_ray, ray_session
 
     target_mb = 5 if quick else target_mb
     rows = []
@@ -64,9 +62,8 @@ def run(out_dir: Path, *, quick: bool = False, target_mb: int = 100) -> dict:
         num_files, num_bytes = build_corpus(corpus, target_mb)
         bpe = train_bpe(embedded_texts(), 4096, progress=False)
         started = time.perf_counter()
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        init_s = time.perf_counter() - started
-        try:
+        with ray_session(num_cpus=os.cpu_count()):
+            init_s = time.perf_counter() - started
             for tokenizer in (ByteTokenizer(), bpe):
                 manifests = {}
                 for engine in ("local", "ray"):
@@ -83,8 +80,6 @@ def run(out_dir: Path, *, quick: bool = False, target_mb: int = 100) -> dict:
                                  "load_after": machine_load()})
                     shutil.rmtree(out)
                 assert manifests["local"] == manifests["ray"], "Ray Data wrote different shards than one process"
-        finally:
-            ray.shutdown()
     result = {"rows": rows, "corpus_files": num_files, "corpus_bytes": num_bytes, "ray_init_s": init_s,
               "cpus": os.cpu_count()}
     (out_dir / "data_prepare.json").write_text(json.dumps(result, indent=2))

@@ -25,9 +25,10 @@ Legend: R = rows of a block.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -110,13 +111,28 @@ def _checked_files(sources, patterns, fmt: str, column: str | None) -> list[tupl
     return files
 
 
-def _init_ray(address: str) -> bool:
+@contextlib.contextmanager
+def ray_session(address: str = "", *, num_cpus: int | None = None) -> Iterator[None]:
+    """Ray for several ``prepare_data_ray`` calls (benchmarks: start-up paid once); reuses a running session."""
+    import ray
+
+    started = _init_ray(address, num_cpus=num_cpus)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _init_ray(address: str, *, num_cpus: int | None = None) -> bool:
     import ray
 
     if ray.is_initialized():  # inside `ray job submit`, or a caller's session
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address=address or None, log_to_driver=False)
+    joining = bool(address) or bool(os.environ.get("RAY_ADDRESS"))
+    ray.init(address=address or None, log_to_driver=False, include_dashboard=False,
+             num_cpus=None if joining else num_cpus)
     return True
 
 
