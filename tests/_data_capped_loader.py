@@ -23,7 +23,7 @@ def main(path: str, cap_mib: int) -> None:
     PackedBatches(TokenDataset(path, verify=False), seq_len=64, global_batch_size=4, extra_tokens=2).next_batch()
     base = address_space()
     resource.setrlimit(resource.RLIMIT_AS, (base + (cap_mib << 20), base + (cap_mib << 20)))
-    ds = TokenDataset(path, cache_bytes=8 << 20)
+    ds = TokenDataset(path, cache_bytes=4 << 20)
     out = {}
     for dp in (1, 2):
         out[f"dp{dp}"] = []

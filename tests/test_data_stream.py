@@ -99,11 +99,11 @@ def _bulky_dataset(path: Path, num_tokens: int) -> None:
 
 
 def test_dataset_larger_than_a_memory_cap(tmp_path):
-    """Under RLIMIT_AS = (address space after imports) + 24 MiB, a 48 MiB token stream (24M uint16 tokens) that
-    cannot be held is iterated by the lazy loader with the same batches, dp shards and cursors as the in-memory
-    loader computes here."""
-    cap_mib = 24
-    _bulky_dataset(tmp_path / "big", 24 << 20)
+    """Under RLIMIT_AS = (address space after imports) + 16 MiB, a 32 MiB token stream (16M uint16 tokens) that
+    cannot be held is iterated by the lazy loader (4 MiB row-group cache) with the same batches, dp shards and
+    cursors as the in-memory loader computes here."""
+    cap_mib = 16
+    _bulky_dataset(tmp_path / "big", 16 << 20)
     ds = TokenDataset(tmp_path / "big")
     assert ds.num_tokens * ds.tokens.itemsize >= 2 * (cap_mib << 20)
     env = dict(os.environ, MALLOC_ARENA_MAX="1", PYTHONPATH=os.pathsep.join(sys.path))
