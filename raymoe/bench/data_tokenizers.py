@@ -29,12 +29,12 @@ from raymoe.bench.load import machine_load
 VOCAB_SIZES = (1024, 4096)
 
 
-def run(out_dir: Path, *, quick: bool = False, steps: int = 16, tail: int = 6, threads: int = 1) -> dict:
+def run(out_dir: Path, *, quick: bool = False, steps: int = 60, tail: int = 10, threads: int = 1) -> dict:
+    import torch
+
     from raymoe.data import ByteTokenizer, TokenDataset, embedded_dataset, train_bpe
     from raymoe.data.corpus import embedded_texts
     from raymoe.data.shards import is_held_out, write_dataset
-
-    import torch
 
     # One torch thread: on a shared, oversubscribed machine two spinning threads per step made steps 30-70 s.
     torch.set_num_threads(threads)
