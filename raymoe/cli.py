@@ -16,6 +16,7 @@ _COMMANDS = (
     ("plan", "plan", "plan"),
     ("simulate", "simulate", "simulate"),
     ("prepare-data", "prepare_data", "prepare_data"),
+    ("train-tokenizer", "train_tokenizer", "train_tokenizer"),
     ("parity", "parity", "parity"),
     ("bench", "bench", "bench"),
     ("report", "report", "report"),

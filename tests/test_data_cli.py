@@ -34,4 +34,4 @@ def test_prepare_embedded_corpus_command(tmp_path):
         main, ["prepare-data", "--embedded", "--byte-budget", "50000", "--out", str(out), "--quiet"]
     )
     assert result.exit_code == 0, result.output
-    assert TokenDataset(out).info.tokenizer == "byte"
+    assert TokenDataset(out).info.tokenizer.name == "byte"

@@ -92,7 +92,10 @@ def test_schema_and_manifest(corpus, tmp_path):
     tokens_type = table.schema.field("tokens").type
     assert pa.types.is_list(tokens_type) and tokens_type.value_type == pa.uint16()
     manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
-    assert manifest["tokenizer"] == {"name": "byte", "vocab_size": 260, "bos_id": 256, "eos_id": 257}
+    assert manifest["version"] == 2
+    assert manifest["tokenizer"] == {"name": "byte", "vocab_size": 260, "bos_id": 256, "eos_id": 257, "pad_id": 258,
+                                     "file": None, "sha256": None}
+    assert manifest["shards"][0]["row_group_tokens"] == [manifest["num_tokens"]]
     assert manifest["num_tokens"] == len(TEXTS["a.txt"]) + len(TEXTS["d.txt"]) + 4
     assert read_manifest(tmp_path / "ds") == info
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind

@@ -54,7 +54,8 @@ def test_resume_is_bitwise_the_uninterrupted_run_pp2(worker_groups, tmp_path):
     assert manifest.step == 2 and manifest.tokens_seen == 2 * 8 * 32
     assert manifest.data_cursor == {"epoch": 0, "position": 16, "seed": 0}
     assert any(v != 0 for row in manifest.routing_bias_RE for v in row)  # the biases moved and were saved
-    assert sorted(f.name for f in path.iterdir()) == ["manifest.json", "rank-00000.pt", "rank-00001.pt"]
+    assert sorted(f.name for f in path.iterdir()) == ["manifest.json", "rank-00000.pt", "rank-00001.pt",
+                                                      "tokenizer_info.json"]  # the data's tokenizer (byte)
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2])

@@ -7,6 +7,8 @@ take ``tiny=True`` (``raymoe bench --tiny``): toy shapes, so the default test su
 """
 
 BENCHMARKS = {
+    "data_prepare": "raymoe.bench.data_prepare",
+    "data_tokenizers": "raymoe.bench.data_tokenizers",
     "fp8_training": "raymoe.bench.fp8_training",
     "gpu": "raymoe.bench.gpu",
     "runtime_schedules": "raymoe.bench.runtime_schedules",

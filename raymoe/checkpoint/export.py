@@ -20,6 +20,7 @@ import torch
 from raymoe.checkpoint.files import write_atomic
 from raymoe.checkpoint.manifest import Manifest
 from raymoe.checkpoint.shard import check_names_and_shapes, load_shard
+from raymoe.data.provenance import export_metadata
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BIAS = "routing_bias_RE"
@@ -64,7 +65,8 @@ def export_safetensors(checkpoint: Path, out: Path, *, dtype: str = "fp32") -> P
     tensors, manifest = consolidate(checkpoint)
     tensors = {name: t.to(DTYPES[dtype]).contiguous() for name, t in tensors.items()}
     tensors[BIAS] = torch.tensor(manifest.routing_bias_RE, dtype=torch.float32)  # fp32 always: a selection input
-    metadata = {"format": "pt", "raymoe_step": str(manifest.step), "raymoe_config": manifest.config_yaml}
+    metadata = {"format": "pt", "raymoe_step": str(manifest.step), "raymoe_config": manifest.config_yaml,
+                **export_metadata(checkpoint)}  # the tokenizer, when the checkpoint carries one
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     blob = save(tensors, metadata=metadata)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from raymoe.checkpoint.files import fsync_dir, write_text_atomic
 from raymoe.checkpoint.manifest import MANIFEST_NAME, Manifest
+from raymoe.data.provenance import write_tokenizer_files
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -55,6 +56,7 @@ class CheckpointStore:
         for shard in manifest.shards:
             if not (staging / shard.file).is_file():
                 raise RuntimeError(f"cannot commit {staging}: shard {shard.file} was not written")
+        write_tokenizer_files(staging, manifest.config_yaml)  # the data's tokenizer travels with the weights
         write_text_atomic(staging / MANIFEST_NAME, manifest.to_json())
         final = self.root / step_dir_name(manifest.step)
         if final.exists():  # the same step saved again (e.g. stopped right after resuming): replace it whole

@@ -32,12 +32,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from raymoe.data.prepare import DEFAULT_SHARD_TOKENS, decode_text
-from raymoe.data.shards import DatasetInfo, read_manifest, write_dataset
+from raymoe.data.manifest import DatasetInfo, read_manifest
+from raymoe.data.prepare import DEFAULT_SHARD_TOKENS
+from raymoe.data.shards import write_dataset
+from raymoe.data.sources import decode_text
 from raymoe.data.tokenizer import ByteTokenizer
 
 DEFAULT_BYTE_BUDGET = 8 << 20
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2  # 2: format-v2 shards (row groups indexed in the manifest)
 SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 
 
@@ -78,6 +80,14 @@ def build_embedded_corpus(
             shard_tokens=DEFAULT_SHARD_TOKENS,
             overwrite=overwrite,
         )
+
+
+def embedded_texts(byte_budget: int = DEFAULT_BYTE_BUDGET) -> Iterator[str]:
+    """The embedded corpus's documents as text, in order (what ``raymoe train-tokenizer --embedded`` learns from)."""
+    root = stdlib_root()
+    files = select_files(stdlib_files(root), root, byte_budget)
+    for _, text in _documents(files, root, tqdm(disable=True)):
+        yield text
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:

@@ -1,14 +1,13 @@
-"""``TokenDataset``: a prepared dataset directory as one flat token stream in memory.
+"""``TokenDataset``: a prepared dataset directory, its token stream read lazily (``stream.TokenStream``).
 
-Every shard is checked (see ``shards.read_shard``) and its token values are concatenated, in manifest order,
-into one numpy array. Each document already carries its own BOS and EOS, so the stream reads ``BOS doc0 EOS
-BOS doc1 EOS ...`` and a training window that crosses a document boundary sees the separator.
+Opening a dataset checks its manifest and every shard's presence, size and sha256, and indexes the row
+groups; no token is decompressed until the loader asks for it, so memory stays bounded by the row-group cache
+(64 MiB by default) however large the dataset. ``tokens`` materializes the whole stream as one array (2
+bytes per token for vocabularies up to 65,536) for small datasets, tests and analysis. Each document carries its
+own BOS and EOS, so the stream reads ``BOS doc0 EOS BOS doc1 EOS ...`` and a training window that crosses a
+document boundary sees the separator.
 
-Memory: the stream costs 2 bytes per token (uint16), e.g. 16 MB for the ~8M-token embedded corpus or 2 GB for
-1B tokens; every data-parallel rank holds its own copy. Larger corpora want a memory-mapped stream; the loader
-only needs ``tokens`` to support fancy indexing, so that can be swapped in without touching it.
-
-Legend: N = tokens in the stream, D = documents.
+Legend: N = tokens in the stream.
 """
 
 from __future__ import annotations
@@ -18,7 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from raymoe.data.corpus import embedded_dataset
-from raymoe.data.shards import DatasetInfo, read_manifest, read_shard
+from raymoe.data.manifest import DatasetInfo, read_manifest
+from raymoe.data.stream import DEFAULT_CACHE_BYTES, TokenStream
+from raymoe.data.tokenizer import BYTE_VOCAB_SIZE, TokenizerInfo
 
 
 def load_dataset(path: str | Path | None = None, *, progress: bool = True) -> TokenDataset:
@@ -26,16 +27,34 @@ def load_dataset(path: str | Path | None = None, *, progress: bool = True) -> To
     return TokenDataset(path if path else embedded_dataset(progress=progress))
 
 
-class TokenDataset:
-    """Load and validate ``path`` (a directory written by ``prepare_data``)."""
+def dataset_tokenizer(path: str | Path | None) -> TokenizerInfo:
+    """The tokenizer a dataset was prepared with, from its manifest alone (the embedded corpus: bytes)."""
+    if not path:
+        from raymoe.data.tokenizer import ByteTokenizer
 
-    def __init__(self, path: str | Path, *, verify: bool = True) -> None:
+        return ByteTokenizer().info
+    return read_manifest(path).tokenizer
+
+
+def check_vocab_fits(data_path: str | Path | None, model_vocab_size: int) -> TokenizerInfo:
+    """Refuse a model whose embedding cannot hold every id of the dataset's tokenizer, naming both sizes."""
+    tokenizer = dataset_tokenizer(data_path)
+    if tokenizer.vocab_size > model_vocab_size:
+        where = f"dataset {str(data_path)!r}" if data_path else "the embedded corpus"
+        raise ValueError(
+            f"model.vocab_size={model_vocab_size} is smaller than the vocab_size {tokenizer.vocab_size} of the "
+            f"{tokenizer.name} tokenizer of {where}; set model.vocab_size={tokenizer.vocab_size} (or larger)"
+        )
+    return tokenizer
+
+
+class TokenDataset:
+    """Open and check ``path`` (a directory written by ``prepare_data``); tokens are read on demand."""
+
+    def __init__(self, path: str | Path, *, verify: bool = True, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.info: DatasetInfo = read_manifest(path)
-        values, lengths = zip(*(read_shard(self.info, shard, verify=verify) for shard in self.info.shards))
-        self.tokens_N: np.ndarray = np.concatenate(values)
-        self.tokens_N.flags.writeable = False
-        self.doc_offsets_D1 = np.zeros(self.info.num_documents + 1, dtype=np.int64)
-        np.cumsum(np.concatenate(lengths), out=self.doc_offsets_D1[1:])
+        self.stream = TokenStream(self.info, verify=verify, cache_bytes=cache_bytes)
+        self._tokens_N: np.ndarray | None = None
 
     @property
     def path(self) -> Path:
@@ -43,12 +62,15 @@ class TokenDataset:
 
     @property
     def tokens(self) -> np.ndarray:
-        """The whole token stream (read-only, dtype uint16 for the byte tokenizer)."""
-        return self.tokens_N
+        """The whole token stream in memory (read-only; built on first use). Training never needs it."""
+        if self._tokens_N is None:
+            self._tokens_N = self.stream.read(0, len(self.stream)).copy()
+            self._tokens_N.flags.writeable = False
+        return self._tokens_N
 
     @property
     def num_tokens(self) -> int:
-        return len(self.tokens_N)
+        return len(self.stream)
 
     @property
     def num_documents(self) -> int:
@@ -62,7 +84,7 @@ class TokenDataset:
         """The ids of one document, BOS and EOS included."""
         if not 0 <= doc_id < self.num_documents:
             raise ValueError(f"doc_id {doc_id} out of range: the dataset has {self.num_documents} documents")
-        return self.tokens_N[self.doc_offsets_D1[doc_id] : self.doc_offsets_D1[doc_id + 1]]
+        return self.stream.document(doc_id)
 
     def __len__(self) -> int:
         return self.num_tokens
@@ -70,5 +92,8 @@ class TokenDataset:
     def __repr__(self) -> str:
         return (
             f"TokenDataset({str(self.path)!r}, tokens={self.num_tokens:,}, documents={self.num_documents:,}, "
-            f"shards={len(self.info.shards)}, tokenizer={self.info.tokenizer!r})"
+            f"shards={len(self.info.shards)}, tokenizer={self.info.tokenizer.name!r})"
         )
+
+
+__all__ = ["BYTE_VOCAB_SIZE", "TokenDataset", "check_vocab_fits", "dataset_tokenizer", "load_dataset"]

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from raymoe.data.dataset import TokenDataset
+from raymoe.data.stream import ArrayStream, TokenStream
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +66,7 @@ class PackedBatches:
 
     def __init__(
         self,
-        dataset: TokenDataset | np.ndarray,
+        dataset: TokenDataset | TokenStream | np.ndarray,
         *,
         seq_len: int,
         global_batch_size: int,
@@ -75,7 +76,9 @@ class PackedBatches:
         dp_size: int = 1,
         cursor: Cursor | None = None,
     ) -> None:
-        tokens = dataset.tokens if isinstance(dataset, TokenDataset) else np.asarray(dataset)
+        if isinstance(dataset, TokenDataset):
+            dataset = dataset.stream  # lazy: row groups are read as windows need them
+        tokens = dataset if isinstance(dataset, (TokenStream, ArrayStream)) else ArrayStream(dataset)
         _check_args(len(tokens), seq_len, global_batch_size, extra_tokens, dp_rank, dp_size)
         self.tokens = tokens
         self.seq_len = seq_len
@@ -93,7 +96,6 @@ class PackedBatches:
                 f"(seq_len={seq_len}); was it saved for another dataset or seq_len?"
             )
         self._cursor = cursor
-        self._offsets_W = np.arange(self.window_len, dtype=np.int64)
         self._permutation_cache: tuple[int, np.ndarray] | None = None
 
     @property
@@ -116,8 +118,7 @@ class PackedBatches:
     def next_batch(self) -> torch.Tensor:
         windows = self._global_windows()
         local = windows[self.dp_rank * self.local_batch_size : (self.dp_rank + 1) * self.local_batch_size]
-        index_BW = (local * self.seq_len)[:, None] + self._offsets_W
-        return torch.from_numpy(self.tokens[index_BW].astype(np.int64))
+        return torch.from_numpy(self.tokens.windows(local * self.seq_len, self.window_len).astype(np.int64))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self

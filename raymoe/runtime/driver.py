@@ -30,6 +30,7 @@ import torch
 
 from raymoe.checkpoint import Layout, Manifest
 from raymoe.config import Config
+from raymoe.data import check_vocab_fits
 from raymoe.model import router_slots
 from raymoe.parallel.dispatcher import contiguous_placement
 from raymoe.parallel.stage_plan import StagePlan, plan_stages
@@ -108,6 +109,7 @@ class Driver(DriverCheckpoints):
     ) -> None:
         self.config = config
         self.schedule, self.plan = validate_layout(config)
+        check_vocab_fits(config.data.path, config.model.vocab_size)  # the data's tokenizer, before any worker
         p = config.parallel
         self.topology = Topology(pp=p.pp, ep=p.ep, dp=p.dp)
         if worker_group is not None and worker_group.topology != self.topology:

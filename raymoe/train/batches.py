@@ -7,14 +7,10 @@ from raymoe.config import Config
 
 def open_batches(config: Config, *, dp_rank: int = 0, dp_size: int = 1, cursor=None):
     """A ``PackedBatches`` over ``data.path`` (or the embedded corpus) with MTP's extra tokens per sample."""
-    from raymoe.data import PackedBatches, load_dataset
+    from raymoe.data import PackedBatches, check_vocab_fits, load_dataset
 
+    check_vocab_fits(config.data.path, config.model.vocab_size)
     dataset = load_dataset(config.data.path)
-    if dataset.vocab_size > config.model.vocab_size:
-        raise ValueError(
-            f"dataset {str(dataset.path)!r} has vocab_size {dataset.vocab_size} > "
-            f"model.vocab_size {config.model.vocab_size}"
-        )
     return PackedBatches(
         dataset,
         seq_len=config.data.seq_len,
