@@ -19,18 +19,16 @@ import socket
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from raymoe.checkpoint import Layout
 from raymoe.checkpoint.compat import check_steps
 from raymoe.checkpoint.run_state import read_run_state
 from raymoe.config import Config
 from raymoe.evaluate import PeriodicEval
 from raymoe.runtime.driver import Driver, DriverState, FailFast, RestartFromCheckpoint, validate_layout
-from raymoe.train.metrics import check_finite
+from raymoe.train.loop import TrainLoop
 from raymoe.train.preflight import preflight
 from raymoe.train.run_dir import RunDir
-from raymoe.train.saving import checkpoint_due, log_stop, open_store, save_logged
+from raymoe.train.saving import open_store
 
 
 def effective_address(address: str = "") -> tuple[str, str]:
@@ -155,7 +153,13 @@ def train_ray(
     run_dir = RunDir(out_dir, config, resume_step=manifest.step if manifest else None, overwrite=overwrite)
     store = open_store(config, run_dir, fresh=manifest is None)
     exporter = MetricsExporter.for_run(config, run_dir.path)  # dashboard metrics + RUN_DIR/actions.jsonl
-    loop = _Loop(config, driver, store, run_dir, exporter, policy, last_checkpoint=Path(resume) if resume else None)
+    p = config.parallel
+    loop = TrainLoop(
+        config, _RayEngine(driver, PeriodicEval(config), run_dir), store, run_dir,
+        desc=f"train (ray {config.schedule.name} pp={p.pp}{f' ep={p.ep}' if p.ep > 1 else ''} dp={p.dp})",
+        last_checkpoint=Path(resume) if resume else None, on_step=exporter.record, on_save=exporter.checkpoint,
+        recovery=_Recovery(driver, policy, exporter),
+    )
     try:
         with StopRequests() as stop:
             driver.start()
@@ -177,72 +181,47 @@ def train_ray(
     return run_dir.records
 
 
-class _Loop:
-    """The step loop: log, checkpoint when due or stopped, and on a worker failure that the policy retries,
-    recover from this run's last checkpoint."""
+class _RayEngine:
+    """The driver as the loop's ``StepEngine``: a step of the workers, with the run's periodic evaluation."""
 
-    def __init__(self, config: Config, driver, store, run_dir: RunDir, exporter, policy, *, last_checkpoint):
-        self.config, self.driver, self.store, self.run_dir = config, driver, store, run_dir
-        self.exporter, self.policy = exporter, policy
-        self.last_checkpoint: Path | None = last_checkpoint
-        """Only checkpoints of this run (or the one it resumed from) are recovered from."""
-        self.bar = None
-        self.evals = PeriodicEval(config)
+    def __init__(self, driver: Driver, evals: PeriodicEval, run_dir: RunDir) -> None:
+        self.driver, self.evals, self.run_dir = driver, evals, run_dir
 
-    def run(self, stop, progress: bool) -> None:
-        config, driver = self.config, self.driver
-        p = config.parallel
-        desc = f"train (ray {config.schedule.name} pp={p.pp}{f' ep={p.ep}' if p.ep > 1 else ''} dp={p.dp})"
-        self.bar = tqdm(total=config.run.steps, initial=driver.step_index, desc=desc, unit="step",
-                        disable=not progress, dynamic_ncols=True)
-        while driver.step_index < config.run.steps:
-            try:
-                self._step()
-                if checkpoint_due(config, driver.step_index) or (stop.requested and config.run.checkpoint_on_stop):
-                    self._save()  # checked after the step: a stop signal may have come during it
-            except Exception as exc:
-                if driver.state is not DriverState.RECOVERING:  # the failure policy did not retry it
-                    raise
-                self._recover(exc)
-                continue
-            if stop.requested:
-                log_stop(stop.signal_name, driver.step_index, config, self.run_dir, self.bar)
-                return
+    @property
+    def step_index(self) -> int:
+        return self.driver.step_index
 
-    def _step(self) -> None:
+    def run_step(self):
         report = self.driver.step()
-        record = report.record
-        record.update(self.evals.after_ray_step(self.driver, self.run_dir.path))
-        self.run_dir.log(record)
-        self.exporter.record(record, report.results)
-        check_finite(record, last_checkpoint=self.last_checkpoint)  # a diverged run saves nothing more
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{record['loss']:.3f}", mtp=f"{record['mtp_loss']:.3f}",
-                             tok_s=f"{record['tokens_per_s']:.0f}")
+        report.record.update(self.evals.after_ray_step(self.driver, self.run_dir.path))
+        return report.record, report.results
 
-    def _save(self) -> None:
-        path, seconds, size = save_logged(lambda: self.driver.save_checkpoint(self.store), self.driver.step_index,
-                                          self.run_dir, self.bar)
-        self.last_checkpoint = path
-        self.exporter.checkpoint(seconds, size)
+    def save(self, store) -> Path:
+        return self.driver.save_checkpoint(store)
 
-    def _recover(self, error: Exception) -> None:
+
+class _Recovery:
+    """A worker failure the failure policy retries: new workers from this run's last checkpoint, the run
+    directory rewound to it, an event and a dashboard counter."""
+
+    def __init__(self, driver: Driver, policy, exporter) -> None:
+        self.driver, self.policy, self.exporter = driver, policy, exporter
+
+    def applies(self, error: Exception) -> bool:
+        return self.driver.state is DriverState.RECOVERING
+
+    def recover(self, error: Exception, loop: TrainLoop) -> None:
         failed_at = self.driver.step_index
-        source = self.last_checkpoint
-        self.bar.write(f"worker failure at step {failed_at} ({type(error).__name__}: {str(error)[:200]}); "
+        source = loop.last_checkpoint
+        loop.bar.write(f"worker failure at step {failed_at} ({type(error).__name__}: {str(error)[:200]}); "
                        f"restarting the workers from {source or 'the start'} "
                        f"(failure {self.policy.failures} of {self.policy.max_failures})")
         start = time.perf_counter()
         self.driver.recover(source)
         self.exporter.recovery()
-        self.run_dir.rewind(self.driver.step_index)
-        self.run_dir.event("recovered", failed_at_step=failed_at, resumed_at_step=self.driver.step_index,
+        loop.run_dir.rewind(self.driver.step_index)
+        loop.run_dir.event("recovered", failed_at_step=failed_at, resumed_at_step=self.driver.step_index,
                            checkpoint=str(source) if source else None, error=f"{type(error).__name__}: {error}",
                            seconds=time.perf_counter() - start)
-        self.bar.n = self.driver.step_index
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
+        loop.bar.n = self.driver.step_index
+        loop.bar.refresh()

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tqdm import tqdm
-
 from raymoe.checkpoint import Manifest
 from raymoe.checkpoint.compat import check_steps
 from raymoe.config import Config
 from raymoe.evaluate import PeriodicEval
-from raymoe.train.metrics import check_finite
+from raymoe.train.loop import TrainLoop
 from raymoe.train.preflight import preflight
 from raymoe.train.reference import ReferenceTrainer
 from raymoe.train.run_dir import RunDir
-from raymoe.train.saving import checkpoint_due, log_stop, open_store, save_logged
+from raymoe.train.saving import open_store
 from raymoe.train.stop import StopRequests
 
 
@@ -37,28 +35,33 @@ def train_local(
         trainer.restore(Path(resume), reshard=reshard)
     run_dir = RunDir(out_dir, config, resume_step=trainer.step_index if resume else None, overwrite=overwrite)
     store = open_store(config, run_dir, fresh=resume is None)
-    last_checkpoint = Path(resume) if resume is not None else None
     if resume is not None:
         run_dir.event("resumed", step=trainer.step_index, checkpoint=str(resume), resharded=reshard)
-    bar = tqdm(total=config.run.steps, initial=trainer.step_index, desc="train (local)", unit="step",
-               disable=not progress, dynamic_ncols=True)
+    loop = TrainLoop(config, _LocalEngine(trainer, evals), store, run_dir, desc="train (local)", engine_name="local",
+                     last_checkpoint=Path(resume) if resume is not None else None)
     try:
         with StopRequests() as stop:
-            while trainer.step_index < config.run.steps:
-                record = trainer.step()
-                record.update(evals.after_step(trainer.step_index, trainer.model, trainer.routing_bias_RE))
-                run_dir.log(record)
-                check_finite(record, last_checkpoint=last_checkpoint)
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", mtp=f"{record['mtp_loss']:.3f}",
-                                tok_s=f"{record['tokens_per_s']:.0f}")
-                if checkpoint_due(config, trainer.step_index) or (stop.requested and config.run.checkpoint_on_stop):
-                    last_checkpoint, _, _ = save_logged(lambda: trainer.save_checkpoint(store), trainer.step_index,
-                                                        run_dir, bar)
-                if stop.requested:
-                    log_stop(stop.signal_name, trainer.step_index, config, run_dir, bar, engine="local")
-                    break
+            loop.run(stop, progress)
     finally:
-        bar.close()
+        loop.close()
         run_dir.close()
     return run_dir.records
+
+
+class _LocalEngine:
+    """The reference trainer as the loop's ``StepEngine``."""
+
+    def __init__(self, trainer: ReferenceTrainer, evals: PeriodicEval) -> None:
+        self.trainer, self.evals = trainer, evals
+
+    @property
+    def step_index(self) -> int:
+        return self.trainer.step_index
+
+    def run_step(self) -> tuple[dict, tuple]:
+        record = self.trainer.step()
+        record.update(self.evals.after_step(self.trainer.step_index, self.trainer.model, self.trainer.routing_bias_RE))
+        return record, ()
+
+    def save(self, store) -> Path:
+        return self.trainer.save_checkpoint(store)
