@@ -107,10 +107,6 @@ class PackedBatches:
         return self.global_batch_size // self.dp_size
 
     @property
-    def steps_per_epoch(self) -> float:
-        return self.num_windows / self.global_batch_size
-
-    @property
     def cursor(self) -> Cursor:
         """The position of the next batch; save it with the checkpoint to resume exactly."""
         return self._cursor
