@@ -35,7 +35,6 @@ from raymoe.model import router_slots
 from raymoe.parallel.dispatcher import contiguous_placement
 from raymoe.parallel.stage_plan import StagePlan, plan_stages
 from raymoe.parallel.topology import Topology
-from raymoe.routing import update_bias
 from raymoe.runtime.driver_checkpoints import DriverCheckpoints
 from raymoe.runtime.driver_state import TRANSITIONS, DriverState, Transition
 from raymoe.runtime.results import LoadInfo, StepInputs, StepResult
@@ -43,7 +42,7 @@ from raymoe.runtime.worker_group import WorkerGroup
 from raymoe.schedule import Schedule, build_schedule
 from raymoe.schedule.layout_rules import check_zero_stage
 from raymoe.train.metrics import StepMetrics, load_statistics
-from raymoe.train.optim import lr_at
+from raymoe.train.progress import RunProgress, TracksProgress
 
 
 class FailurePolicy(Protocol):
@@ -97,7 +96,7 @@ class StepReport:
     """Driver-side wall time of the step: batch preparation, the Ray round trip, aggregation."""
 
 
-class Driver(DriverCheckpoints):
+class Driver(DriverCheckpoints, TracksProgress):
     def __init__(
         self,
         config: Config,
@@ -123,10 +122,8 @@ class Driver(DriverCheckpoints):
         self.key = f"{config.schedule.name}-{uuid.uuid4().hex[:8]}"
         self.state = DriverState.INITIALIZING
         self.history: list[Transition] = [Transition(DriverState.INITIALIZING, time.time())]
-        self.step_index = 0
-        self.tokens_seen = 0
         num_routers = len(router_slots(config.model, config.mtp.depth))
-        self.routing_bias_RE = torch.zeros(num_routers, config.model.num_routed_experts)
+        self.progress = RunProgress(routing_bias_RE=torch.zeros(num_routers, config.model.num_routed_experts))
         if config.run.init_from:  # checked before any worker starts; the biases come with the weights
             from raymoe.checkpoint.export import BIAS, check_export, read_tensors
 
@@ -255,19 +252,14 @@ class Driver(DriverCheckpoints):
         if tokens_BL.shape[0] != cfg.data.batch_size:
             raise ValueError(f"global batch has {tokens_BL.shape[0]} rows, data.batch_size is {cfg.data.batch_size}")
         start = time.perf_counter()
-        mtp_weight = cfg.mtp.weight_at(self.tokens_seen)
-        gamma = cfg.routing.gamma_at(self.tokens_seen)
-        lr = lr_at(self.step_index, cfg.optim, cfg.run.steps)
+        knobs = self.progress.knobs(cfg)
         with self._guard():
-            results = self._run_workers(tokens_BL, lr=lr, mtp_weight=mtp_weight, capture=capture)
+            results = self._run_workers(tokens_BL, lr=knobs.lr, mtp_weight=knobs.mtp_weight, capture=capture)
         counts_RE = sum(r.counts_RE for r in results)
-        self.routing_bias_RE = update_bias(self.routing_bias_RE, counts_RE, gamma)
+        step, num_tokens = self.progress.advance(cfg, tokens_BL, counts_RE, knobs)
         wall = time.perf_counter() - start
-        num_tokens = tokens_BL.shape[0] * (tokens_BL.shape[1] - 1 - cfg.mtp.depth)
-        self.tokens_seen += num_tokens
-        record = self._record(results, counts_RE, lr=lr, mtp_weight=mtp_weight, gamma=gamma, wall=wall,
-                              num_tokens=num_tokens)
-        self.step_index += 1
+        record = self._record(results, counts_RE, step=step, lr=knobs.lr, mtp_weight=knobs.mtp_weight,
+                              gamma=knobs.gamma, wall=wall, num_tokens=num_tokens)
         return StepReport(record=record, results=results, wall_s=wall)
 
     def _microbatches_per_pipeline_rank(self) -> dict[int, list[int]]:
@@ -299,7 +291,7 @@ class Driver(DriverCheckpoints):
         # step timeout turns that into a TimeoutError, which the failure policy may recover from.
         return self.worker_group.execute_each("run_step", args, timeout_s=self.config.run.step_timeout_s or None)
 
-    def _record(self, results: list[StepResult], counts_RE, *, lr, mtp_weight, gamma, wall, num_tokens) -> dict:
+    def _record(self, results: list[StepResult], counts_RE, *, step, lr, mtp_weight, gamma, wall, num_tokens) -> dict:
         dp = self.topology.dp
         main = sum(r.main_ce for r in results) / dp
         mtp = sum(r.mtp_ce for r in results) / dp
@@ -307,7 +299,7 @@ class Driver(DriverCheckpoints):
         max_vio, per_layer = load_statistics(counts_RE)
         worker_s = max(r.step_s for r in results)
         return StepMetrics(
-            step=self.step_index, loss=main, mtp_loss=mtp, balance_loss=balance,
+            step=step, loss=main, mtp_loss=mtp, balance_loss=balance,
             total_loss=main + mtp_weight * mtp + balance, max_vio=max_vio, lr=lr, grad_norm=results[0].grad_norm,
             tokens=num_tokens, tokens_per_s=num_tokens / wall, step_time_s=wall, mtp_weight=mtp_weight,
             bias_gamma=gamma, max_vio_per_layer=per_layer, expert_load=counts_RE.tolist(),

@@ -17,13 +17,13 @@ import torch
 from raymoe.config import Config
 from raymoe.model import build_model
 from raymoe.model.build import compute_context
-from raymoe.routing import update_bias
 from raymoe.train.clip import clip_gradients
 from raymoe.train.metrics import StepMetrics, load_statistics
-from raymoe.train.optim import lr_at, make_adamw, set_lr
+from raymoe.train.optim import make_adamw, set_lr
+from raymoe.train.progress import RunProgress, TracksProgress
 
 
-class ReferenceTrainer:
+class ReferenceTrainer(TracksProgress):
     def __init__(self, config: Config, *, batches=None, device: str = "cpu", reduction_tree=None) -> None:
         """``reduction_tree``: the order in which micro-batch gradients are added (see ``accumulate_gradients``)."""
         self.config = config
@@ -34,7 +34,7 @@ class ReferenceTrainer:
         self.optimizer = make_adamw(
             self.model.named_parameters(), config.optim, bf16_moments=config.precision.bf16_optimizer_states
         )
-        self.routing_bias_RE = self.model.routing_biases()
+        self.progress = RunProgress(routing_bias_RE=self.model.routing_biases())
         if config.run.init_from:  # the weights and routing biases of a model export (any layout wrote it)
             from raymoe.checkpoint import copy_parameters
             from raymoe.checkpoint.export import BIAS, check_export, read_tensors
@@ -43,8 +43,6 @@ class ReferenceTrainer:
             params = dict(self.model.named_parameters())
             copy_parameters(params, read_tensors(config.run.init_from, params), source=config.run.init_from)
             self.routing_bias_RE = read_tensors(config.run.init_from, [BIAS])[BIAS].float()
-        self.step_index = 0
-        self.tokens_seen = 0
         self._batches = batches
 
     # -- checkpoints (the single-process twin of Driver.save_checkpoint / restore) ---------------------------------
@@ -113,9 +111,8 @@ class ReferenceTrainer:
         if tokens_BL is None:
             tokens_BL = self.batches.next_batch()
         start = time.perf_counter()
-        mtp_weight = cfg.mtp.weight_at(self.tokens_seen)
-        gamma = cfg.routing.gamma_at(self.tokens_seen)
-        lr = lr_at(self.step_index, cfg.optim, cfg.run.steps)
+        knobs = self.progress.knobs(cfg)
+        lr, mtp_weight, gamma = knobs.lr, knobs.mtp_weight, knobs.gamma
         set_lr(self.optimizer, lr)
 
         self.model.set_routing_biases(self.routing_bias_RE)
@@ -130,14 +127,12 @@ class ReferenceTrainer:
             )
         grad_norm = clip_gradients(self.model.parameters(), cfg.optim.grad_clip)
         self.optimizer.step()
-        self.routing_bias_RE = update_bias(self.routing_bias_RE, sums["counts_RE"], gamma)
+        step, num_tokens = self.progress.advance(cfg, tokens_BL, sums["counts_RE"], knobs)
 
         elapsed = time.perf_counter() - start
-        num_tokens = tokens_BL.shape[0] * (tokens_BL.shape[1] - 1 - cfg.mtp.depth)
-        self.tokens_seen += num_tokens
         max_vio, per_layer = load_statistics(sums["counts_RE"])
         record = StepMetrics(
-            step=self.step_index,
+            step=step,
             loss=sums["main"],
             mtp_loss=sums["mtp"],
             balance_loss=sums["balance"],
@@ -153,7 +148,6 @@ class ReferenceTrainer:
             max_vio_per_layer=per_layer,
             expert_load=sums["counts_RE"].tolist(),
         )
-        self.step_index += 1
         return record.to_dict()
 
 
