@@ -11,6 +11,7 @@ from raymoe.config import load_config
 from raymoe.parallel.topology import Topology
 from raymoe.runtime.driver import TRANSITIONS, Driver, DriverState
 from raymoe.runtime.results import LoadInfo
+from raymoe.runtime.worker import Worker
 from raymoe.runtime.worker_group import check_resources
 
 
@@ -80,6 +81,7 @@ class FakeGroup:
         self.calls: list[str] = []
 
     def execute_each(self, method, args_per_rank, timeout_s=None):
+        method = method.__name__
         self.calls.append(method)
         if method == "run_step" and timeout_s is not None:
             raise TimeoutError(f"1 of 2 workers did not answer within {timeout_s} s")
@@ -89,7 +91,7 @@ class FakeGroup:
                 for r in range(len(args_per_rank))]
 
     def execute(self, method, *args, timeout_s=None):
-        self.calls.append(method)
+        self.calls.append(method.__name__)
         return []
 
 
@@ -143,7 +145,7 @@ def test_bootstrap_ranks_names_and_groups(worker_groups):
     import ray
 
     group = worker_groups.get(Topology(pp=2, dp=1))
-    info = group.execute("whoami")
+    info = group.execute(Worker.whoami)
     assert [i["dist_rank"] for i in info] == [0, 1] and {i["world_size"] for i in info} == {2}
     assert {i["backend"] for i in info} == {"gloo"}
     assert info[0]["groups"] == {"pp": (0, 1), "embedding": (0, 1), "mirror": (0, 1)}

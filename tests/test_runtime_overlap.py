@@ -10,6 +10,7 @@ import torch
 
 from raymoe.config import load_config
 from raymoe.parallel.topology import Topology
+from raymoe.runtime.worker import Worker
 
 pytestmark = pytest.mark.ray
 
@@ -26,7 +27,7 @@ def _run(worker_groups, schedule: str, overlap: bool, batches):
     try:
         records = [driver.step(batch).record for batch in batches]
         params = {}
-        for part in driver.worker_group.execute("parameters", driver.key):
+        for part in driver.worker_group.execute(Worker.parameters, driver.key):
             params.update(part)
         counts = [r["expert_load"] for r in records]
     finally:

@@ -15,6 +15,7 @@ import torch
 from raymoe.checkpoint import CheckpointStore
 from raymoe.config import load_config
 from raymoe.parallel.topology import Topology
+from raymoe.runtime.worker import Worker
 
 pytestmark = pytest.mark.ray
 
@@ -29,7 +30,7 @@ def _config(*overrides: str):
 
 def _parameters(driver) -> dict[str, torch.Tensor]:
     merged = {}
-    for part in driver.worker_group.execute("parameters", driver.key):
+    for part in driver.worker_group.execute(Worker.parameters, driver.key):
         merged.update(part)
     return merged
 

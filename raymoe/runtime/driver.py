@@ -38,6 +38,7 @@ from raymoe.parallel.topology import Topology
 from raymoe.runtime.driver_checkpoints import DriverCheckpoints
 from raymoe.runtime.driver_state import TRANSITIONS, DriverState, Transition
 from raymoe.runtime.results import LoadInfo, StepInputs, StepResult
+from raymoe.runtime.worker import Worker
 from raymoe.runtime.worker_group import WorkerGroup
 from raymoe.schedule import Schedule, build_schedule
 from raymoe.schedule.layout_rules import check_zero_stage
@@ -177,14 +178,14 @@ class Driver(DriverCheckpoints, TracksProgress):
             ).start()
         placement = self.schedule.placement
         # which Ray node each worker is on: the dispatcher splits its all-to-all bytes into same- / cross-node
-        nodes = self.worker_group.execute("node_id") if self.topology.ep > 1 else [""] * self.topology.world_size
+        nodes = self.worker_group.execute(Worker.node_id) if self.topology.ep > 1 else [""] * self.topology.world_size
         self.node_of_rank = tuple(sorted(set(nodes)).index(n) for n in nodes)
         args = [
             (self.key, self.config, placement, self.schedule.actions[self.topology.coord(r).pp_rank],
              self.expert_placement, self.node_of_rank)
             for r in range(self.topology.world_size)
         ]
-        self.load_info = self.worker_group.execute_each("load", args)
+        self.load_info = self.worker_group.execute_each(Worker.load, args)
 
     def recover(self, checkpoint: Path | None) -> None:
         """RECOVERING -> RUNNING: stop every worker (the dead and the stuck alike), start a new group, and go back to
@@ -220,7 +221,7 @@ class Driver(DriverCheckpoints, TracksProgress):
             group.shutdown()
         else:
             try:  # bounded: a worker stuck in a collective would hold the call until the gloo timeout
-                group.execute("unload", self.key, timeout_s=30)
+                group.execute(Worker.unload, self.key, timeout_s=30)
             except Exception:  # the group's owner decides what to do with broken workers
                 pass
 
@@ -289,7 +290,7 @@ class Driver(DriverCheckpoints, TracksProgress):
             args.append((self.key, inputs))
         # A worker stuck outside a collective (which the process-group timeout would end) hangs the step: the
         # step timeout turns that into a TimeoutError, which the failure policy may recover from.
-        return self.worker_group.execute_each("run_step", args, timeout_s=self.config.run.step_timeout_s or None)
+        return self.worker_group.execute_each(Worker.run_step, args, timeout_s=self.config.run.step_timeout_s or None)
 
     def _record(self, results: list[StepResult], counts_RE, *, step, lr, mtp_weight, gamma, wall, num_tokens) -> dict:
         dp = self.topology.dp

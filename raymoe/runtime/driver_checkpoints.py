@@ -12,6 +12,7 @@ from pathlib import Path
 from raymoe.checkpoint import CheckpointStore, Layout, Manifest
 from raymoe.checkpoint.run_state import RunState, build_manifest, read_run_state
 from raymoe.runtime.driver_state import DriverState, Transition
+from raymoe.runtime.worker import Worker
 
 
 class DriverCheckpoints:
@@ -23,7 +24,7 @@ class DriverCheckpoints:
         self._transition(DriverState.CHECKPOINTING, f"step {self.step_index}")
         with self._guard():
             staging = store.begin(self.step_index)
-            entries = self.worker_group.execute("save_checkpoint_shard", self.key, str(staging))
+            entries = self.worker_group.execute(Worker.save_checkpoint_shard, self.key, str(staging))
             state = RunState(step=self.step_index, tokens_seen=self.tokens_seen,
                              cursor=self.batches.cursor.to_dict(), bias_RE=self.routing_bias_RE,
                              expert_placement=tuple(self.expert_placement.tolist()) if self.topology.ep > 1 else ())
@@ -41,7 +42,7 @@ class DriverCheckpoints:
         probe = store.root / f".probe-{uuid.uuid4().hex[:8]}"
         probe.write_text(socket.gethostname())
         try:
-            seen = self.worker_group.execute("sees_file", str(probe))
+            seen = self.worker_group.execute(Worker.sees_file, str(probe))
         finally:
             probe.unlink(missing_ok=True)
         blind = [rank for rank, ok in enumerate(seen) if not ok]
@@ -73,7 +74,7 @@ class DriverCheckpoints:
             else:
                 shards = sorted(manifest.shards, key=lambda e: e.rank)
                 self.worker_group.execute_each(
-                    "load_checkpoint_shard", [(self.key, str(checkpoint), e.file, e.sha256) for e in shards]
+                    Worker.load_checkpoint_shard, [(self.key, str(checkpoint), e.file, e.sha256) for e in shards]
                 )
         self.step_index, self.tokens_seen, self.routing_bias_RE = state.step, state.tokens_seen, state.bias_RE
         self._batches = open_batches(self.config, cursor=Cursor.from_dict(state.cursor))
@@ -91,6 +92,6 @@ class DriverCheckpoints:
         # One copy in the object store; each worker deserializes it and keeps only its own parameters' part.
         ref = ray.put({"weights": consolidated.weights, "states": consolidated.states})
         try:
-            self.worker_group.execute("load_resharded", self.key, ref)
+            self.worker_group.execute(Worker.load_resharded, self.key, ref)
         finally:
             del ref

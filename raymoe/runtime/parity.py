@@ -32,6 +32,7 @@ from raymoe.config import Config
 from raymoe.model.build import compute_context
 from raymoe.runtime.driver import Driver
 from raymoe.runtime.results import StepResult
+from raymoe.runtime.worker import Worker
 from raymoe.train import ReferenceTrainer, accumulate_gradients, clip_coefficient, make_adamw, set_lr
 
 
@@ -148,7 +149,7 @@ def _run_parity(config: Config, *, steps: int, worker_group) -> ParityReport:
                 record_ref = reference.step(tokens_BL)
             losses.append(record["total_loss"])
             losses_ref.append(record_ref["total_loss"])
-        final = _merge_copies(driver.worker_group.execute("parameters", driver.key))
+        final = _merge_copies(driver.worker_group.execute(Worker.parameters, driver.key))
     finally:
         driver.finish()
     ref_params = dict(reference.model.named_parameters())

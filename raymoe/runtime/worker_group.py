@@ -9,7 +9,7 @@ refuses a layout the cluster cannot hold, naming the numbers, instead of waiting
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from raymoe.parallel.topology import Topology
@@ -103,14 +103,17 @@ class WorkerGroup:
         t3 = time.perf_counter()
         self.startup_s = {"placement_group": t1 - t0, "actors": t2 - t1, "torch_distributed": t3 - t2}
 
-    def execute(self, method: str, *args, timeout_s: float | None = None) -> list:
-        """Call ``method`` on every worker with the same arguments; results in rank order."""
-        return gather([getattr(a, method).remote(*args) for a in self.actors], timeout_s)
+    def execute(self, method: Callable, *args, timeout_s: float | None = None) -> list:
+        """Call ``method`` (a ``Worker`` method: ``Worker.run_step``) on every worker with the same arguments;
+        results in rank order."""
+        name = _worker_method(method)
+        return gather([getattr(a, name).remote(*args) for a in self.actors], timeout_s)
 
-    def execute_each(self, method: str, args_per_rank: Sequence[tuple], timeout_s: float | None = None) -> list:
+    def execute_each(self, method: Callable, args_per_rank: Sequence[tuple], timeout_s: float | None = None) -> list:
         """Call ``method`` on worker r with ``args_per_rank[r]``; results in rank order (TimeoutError after
         ``timeout_s``)."""
-        refs = [getattr(a, method).remote(*args) for a, args in zip(self.actors, args_per_rank)]
+        name = _worker_method(method)
+        refs = [getattr(a, name).remote(*args) for a, args in zip(self.actors, args_per_rank)]
         return gather(refs, timeout_s)
 
     def shutdown(self) -> None:
@@ -147,3 +150,14 @@ class WorkerGroup:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"a Ray actor named {name!r} is still alive; is another raymoe job running?")
+
+
+def _worker_method(method: Callable) -> str:
+    """The name of a ``Worker`` method, checked: a typo or a stale name fails here, in the driver, not as an
+    attribute error inside an actor."""
+    from raymoe.runtime.worker import Worker
+
+    name = getattr(method, "__name__", None)
+    if name is None or getattr(Worker, name, None) is not method:
+        raise TypeError(f"{method!r} is not a method of raymoe.runtime.worker.Worker")
+    return name
