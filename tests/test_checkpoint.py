@@ -381,7 +381,7 @@ def test_checkpoint_storage_the_workers_cannot_see_is_refused_at_start(tmp_path)
         topology = Topology(pp=2, ep=1, dp=1)
 
         def execute(self, method, path):
-            assert method == "sees_file"
+            assert method.__name__ == "sees_file"
             return [os.path.exists(path), False]
 
     config = load_config("debug", ["parallel.pp=2", "schedule.num_microbatches=4"])
