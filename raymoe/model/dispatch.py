@@ -39,8 +39,6 @@ class DispatchPlan:
     """Rows sent to each rank (length P)."""
     recv_counts: tuple[int, ...]
     """Rows received from each rank (length P); equal to ``send_counts`` on one rank."""
-    naive_rows: int
-    """(token, expert) pairs bound for other ranks: the rows a one-copy-per-expert dispatcher would send."""
 
     @property
     def num_sent(self) -> int:
@@ -105,7 +103,8 @@ def run_local_experts(experts: nn.ModuleDict, x_RD: torch.Tensor, ids_RK: torch.
     seams act inside them); ``auto`` runs plain BF16 experts on CUDA as grouped GEMMs over stacked weights
     (``torch._grouped_mm``), all sources in one batch, and loops elsewhere; ``grouped_mm`` forces the kernel.
     """
-    modules = [experts[str(e)] for e in sorted(int(e) for e in experts)]
+    expert_ids = sorted(int(e) for e in experts)
+    modules = [experts[str(e)] for e in expert_ids]
     grouped = backend != "loop" and _groupable(modules) and resolve_backend(
         backend, x_RD, (modules[0].w1.out_features, modules[0].w1.in_features)) == "grouped_mm"
     if len(source_counts) > 1 and not grouped:
@@ -117,7 +116,6 @@ def run_local_experts(experts: nn.ModuleDict, x_RD: torch.Tensor, ids_RK: torch.
     order = flat_ids.argsort(stable=True)
     num_skipped = int((flat_ids < 0).sum())
     order = order[num_skipped:]  # -1 sorts first: slots served elsewhere
-    expert_ids = sorted(int(e) for e in experts)
     counts = _counts_of(flat_ids[order], expert_ids)
     row_of_copy = order // top_k
     x_sorted = x_RD[row_of_copy]
@@ -126,7 +124,7 @@ def run_local_experts(experts: nn.ModuleDict, x_RD: torch.Tensor, ids_RK: torch.
         counts_E = torch.tensor(counts, dtype=torch.int64, device=x_RD.device)
         y_cat = grouped_expert_mlp(x_sorted, counts_E, *stacked, backend="grouped_mm")
     else:
-        y_cat = torch.cat([experts[str(e)](chunk) for e, chunk in zip(expert_ids, x_sorted.split(counts))])
+        y_cat = torch.cat([expert(chunk) for expert, chunk in zip(modules, x_sorted.split(counts))])
     y_sorted = y_cat * weights_RK.flatten()[order].unsqueeze(1).to(x_RD.dtype)
     return torch.zeros_like(x_RD).index_add_(0, row_of_copy, y_sorted)
 
@@ -181,7 +179,7 @@ class LocalDispatcher:
 
             x_ND = fake_quantize_for_dispatch(x_ND, power_of_two_scales=self.fp8_power_of_two)
         plan = DispatchPlan(num_tokens=n, send_token_idx_S=torch.arange(n, device=x_ND.device), send_counts=(n,),
-                            recv_counts=(n,), naive_rows=0)
+                            recv_counts=(n,))
         return x_ND, topk_ids_NK, weights_NK, plan
 
     def combine(self, y_RD, plan, *, layer, out_dtype):

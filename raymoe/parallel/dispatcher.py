@@ -192,7 +192,7 @@ class AllToAllDispatcher:
             self.stats.rows_received += received
             self.stats.peak_rows_received = max(self.stats.peak_rows_received, received)
         plan = DispatchPlan(num_tokens=x_ND.shape[0], send_token_idx_S=token_S, send_counts=tuple(send_counts),
-                            recv_counts=tuple(recv_counts), naive_rows=naive_remote)
+                            recv_counts=tuple(recv_counts))
         return x_RD, ids_RK, weights_RK, plan
 
     def combine(self, y_RD, plan, *, layer, out_dtype):
