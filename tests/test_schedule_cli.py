@@ -73,3 +73,13 @@ def test_registered_in_the_main_cli():
 
     out = CliRunner().invoke(main, ["simulate", "--schedule", "1f1b", "--pp", "2"])
     assert out.exit_code == 0 and "bubble 3" in out.output
+
+
+def test_a2a_option_prints_both_steps_and_draws_lanes(tmp_path):
+    out = _run("--schedule", "dualpipev", "--pp", "2", "--a2a", "1.0", "--plot", str(tmp_path / "t.png"))
+    assert out.exit_code == 0, out.output
+    assert "in turns (overlap)" in out.output and (tmp_path / "t.png").stat().st_size > 10_000
+    data = json.loads(_run("--schedule", "dualpipev", "--pp", "2", "--a2a", "1.0", "--json").output)
+    assert data["step_on"] < data["step_off"]
+    one = json.loads(_run("--schedule", "1f1b", "--pp", "2", "--a2a", "1.0", "--json").output)
+    assert one["step_on"] == one["step_off"]

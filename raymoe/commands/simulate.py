@@ -4,6 +4,7 @@
     python -m raymoe simulate --compare --pp 8 --microbatches 20
     python -m raymoe simulate --schedule zb1p --pp 4 --plot zb1p.png --json
     python -m raymoe simulate --csv my_schedule.csv --cost F=1,B=2,W=1
+    python -m raymoe simulate --schedule dualpipev --pp 4 --a2a 1.0 --plot lanes.png
 """
 
 from __future__ import annotations
@@ -53,7 +54,16 @@ def _costs(ctx, param, value):
                    "names the stage placement (default: inferred).")
 @click.option("--write-csv", "csv_out", type=click.Path(dir_okay=False), default=None,
               help="Save the schedule's action lists (with SEND/RECV) as CSV.")
-def simulate(name, pp, microbatches, costs, as_json, plot, compare, csv_in, csv_out) -> None:
+@click.option("--a2a", "a2a_ratio", type=click.FloatRange(min=0), default=None,
+              help="Expert all-to-all per chunk as this multiple of its compute (1.0: the paper's 1:1), cut into "
+                   "--exchanges phases; the F&B pairs then run in turns (raymoe.schedule.phases) and --plot draws "
+                   "the all-to-all lanes.")
+@click.option("--exchanges", type=click.IntRange(min=1), default=4, show_default=True,
+              help="All-to-alls per chunk with --a2a (two per MoE layer: dispatch and combine).")
+@click.option("--overlap/--no-overlap", default=True, show_default=True,
+              help="With --a2a: F&B pairs in turns (schedule.overlap_a2a) or one half after the other.")
+def simulate(name, pp, microbatches, costs, as_json, plot, compare, csv_in, csv_out, a2a_ratio, exchanges,
+             overlap) -> None:
     """Check a pipeline schedule (complete, ordered, paired, deadlock-free) and report its bubbles."""
     from raymoe.schedule import SCHEDULE_NAMES
 
@@ -70,6 +80,9 @@ def simulate(name, pp, microbatches, costs, as_json, plot, compare, csv_in, csv_
         _print_compare(results, pp, n, costs, as_json)
         return
     schedule = _load_csv(csv_in, name) if csv_in else _build(name, pp, microbatches)
+    if a2a_ratio is not None:
+        _simulate_a2a(schedule, costs, a2a_ratio, exchanges, overlap, plot, as_json)
+        return
     result, formula = _simulate(schedule, costs)
     if csv_out:
         from raymoe.schedule import write_csv
@@ -84,6 +97,40 @@ def simulate(name, pp, microbatches, costs, as_json, plot, compare, csv_in, csv_
     else:
         _print_one(schedule, result, formula)
     if plot and not as_json:
+        click.echo(f"timeline written to {plot}")
+
+
+def _simulate_a2a(schedule, costs, ratio, exchanges, overlap, plot, as_json) -> None:
+    """The step with each chunk's all-to-all ``ratio`` x its compute, without and with overlap."""
+    from raymoe.schedule import simulate as run
+    from raymoe.schedule.phases import phased_costs, uniform_programs
+
+    programs = uniform_programs(schedule, f=costs.f, b=costs.b, w=costs.w, a2a_f=ratio * costs.f,
+                                a2a_b=ratio * costs.b, exchanges=exchanges)
+    steps, shown = {}, None
+    for each in (False, True):
+        phased = phased_costs(schedule, programs, overlap=each)
+        result = run(schedule, costs, check=False, durations=phased.durations)
+        steps[each] = result.makespan
+        if each == overlap:
+            shown = (result, phased)
+    if plot:
+        from raymoe.schedule.timeline import plot_timeline
+
+        plot_timeline(schedule, shown[0], plot, lanes=shown[1], title=(
+            f"{schedule.name}: pp={schedule.pp}, {schedule.num_microbatches} micro-batches, F={costs.f:g}, "
+            f"B={costs.b:g}, all-to-all {ratio:g}x compute in {exchanges} exchanges per chunk, overlap "
+            f"{'on' if overlap else 'off'}  |  makespan {shown[0].makespan:g}"))
+    if as_json:
+        click.echo(json.dumps({"schedule": schedule.name, "pp": schedule.pp,
+                               "num_microbatches": schedule.num_microbatches, "a2a_ratio": ratio,
+                               "exchanges": exchanges, "step_off": steps[False], "step_on": steps[True]}, indent=2))
+        return
+    click.echo(f"{schedule.name}: pp={schedule.pp}, {schedule.num_microbatches} micro-batches, all-to-all "
+               f"{ratio:g}x compute ({exchanges} exchanges per chunk)")
+    click.echo(f"  step, F&B pairs one half after the other: {steps[False]:g}")
+    click.echo(f"  step, F&B pairs in turns (overlap):        {steps[True]:g}  ({steps[True] / steps[False]:.2f}x)")
+    if plot:
         click.echo(f"timeline written to {plot}")
 
 

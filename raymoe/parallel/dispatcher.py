@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from raymoe.model.dispatch import DispatchPlan, plan_rows, routing_rows
+from raymoe.parallel.interleave import BACKWARD, FORWARD, ExchangeTiming, Interleaver
 
 
 @dataclass
@@ -48,6 +49,11 @@ class DispatchStats:
     measured_same_node_bytes: int = 0
     measured_cross_node_bytes: int = 0
     seconds: float = 0.0
+    """From issue to result, summed over the exchanges (in an overlapped pair this spans the other chunk's
+    compute)."""
+    exposed_seconds: float = 0.0
+    """The part of ``seconds`` the issuing chunk waited for: all of it when exchanges block, what the other
+    chunk's compute did not cover when they overlap."""
     rows_received: int = 0
     peak_rows_received: int = 0
     calls: int = 0
@@ -62,11 +68,14 @@ class DispatchStats:
         return dict(vars(self))
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class _Exchange:
     """The all-to-all of one ep group: who is who, where the bytes go, and the counters. Forward exchanges run on
     ``group``, the backward ones (autograd's) on ``backward_group``: with overlap a forward and a backward chunk
-    exchange at the same time from two threads, and each group still sees its collectives in one fixed order."""
+    exchange in turns from two threads, and each group still sees its collectives in one fixed order.
+
+    With an ``interleaver`` running an F&B pair (``raymoe.parallel.interleave``), an exchange is issued
+    asynchronously and the other chunk computes while it is in flight; otherwise it blocks, as it always did."""
 
     group: object
     backward_group: object
@@ -74,23 +83,34 @@ class _Exchange:
     node_of: tuple[int, ...]
     stats: DispatchStats = field(compare=False)
     lock: threading.Lock = field(default_factory=threading.Lock, compare=False)
+    interleaver: Interleaver | None = None
+    log: list[ExchangeTiming] = field(default_factory=list, compare=False)
+    """Every exchange of the step, in issue order (``ExchangeTiming``, ``time.perf_counter`` seconds)."""
 
     def run(self, x_SC: torch.Tensor, in_splits: Sequence[int], out_splits: Sequence[int], *,
             backward: bool = False) -> torch.Tensor:
         out = x_SC.new_empty((int(sum(out_splits)), *x_SC.shape[1:]))
+        args = (out, x_SC.contiguous(), list(map(int, out_splits)), list(map(int, in_splits)))
+        group = self.backward_group if backward else self.group
+        part = BACKWARD if backward else FORWARD
         start = time.perf_counter()
-        dist.all_to_all_single(out, x_SC.contiguous(), list(map(int, out_splits)), list(map(int, in_splits)),
-                               group=self.backward_group if backward else self.group)
-        seconds = time.perf_counter() - start
+        if self.interleaver is not None and self.interleaver.active:
+            work = dist.all_to_all_single(*args, group=group, async_op=True)
+            wait_s, done_s = self.interleaver.in_flight(part, work.wait)
+        else:
+            dist.all_to_all_single(*args, group=group)
+            wait_s, done_s = start, time.perf_counter()
         row_bytes = x_SC.element_size() * int(torch.tensor(x_SC.shape[1:]).prod()) if x_SC.dim() > 1 else 1
         same = sum(int(r) for p, r in enumerate(in_splits) if p != self.my_index
                    and self.node_of[p] == self.node_of[self.my_index])
         cross = sum(int(r) for p, r in enumerate(in_splits) if self.node_of[p] != self.node_of[self.my_index])
         with self.lock:
-            self.stats.seconds += seconds
+            self.stats.seconds += done_s - start
+            self.stats.exposed_seconds += done_s - wait_s
             self.stats.calls += 1
             self.stats.measured_same_node_bytes += same * row_bytes
             self.stats.measured_cross_node_bytes += cross * row_bytes
+            self.log.append(ExchangeTiming(part=part, issued_s=start, wait_s=wait_s, done_s=done_s))
         return out
 
 
@@ -145,6 +165,21 @@ class AllToAllDispatcher:
         self.stats = DispatchStats()
         self._exchange = _Exchange(group=group, backward_group=backward_group if backward_group is not None else group,
                                    my_index=self.my_index, node_of=node_of, stats=self.stats)
+
+    @property
+    def interleaver(self) -> Interleaver | None:
+        return self._exchange.interleaver
+
+    @interleaver.setter
+    def interleaver(self, value: Interleaver | None) -> None:
+        """The executor's turn-taker for overlapped F&B pairs (None: exchanges always block)."""
+        self._exchange.interleaver = value
+
+    def take_exchange_log(self) -> list[ExchangeTiming]:
+        """The exchanges since the last call, in issue order (the worker collects them once per step)."""
+        with self._exchange.lock:
+            log, self._exchange.log = self._exchange.log, []
+        return log
 
     def _peer_rank(self, index: int) -> int:
         return dist.get_global_rank(self.group, index)

@@ -10,11 +10,12 @@ The schedule (``raymoe.schedule``) decides *what* runs *when*; this module only 
     I   backward for the input only; the weight half is queued in this executor's weight-gradient queue ...
     W   ... and computed when the W of the same (stage, micro-batch) comes
     FB  DualPipe's overlapped pair: its forward, then its backward; with ``overlap`` (``schedule.overlap_a2a``)
-        both at once, the forward on a second thread, so each chunk's expert all-to-alls are in flight while the
-        other chunk computes. Forward exchanges go over the ep group, backward ones over its twin
-        (``ProcessGroups.ep_backward``), so each group sees its collectives in the action list's order on every
-        rank whatever the threads' timing: no race picks the order. The arithmetic of each micro-batch is the
-        same, so the result is bitwise the sequential one (tested).
+        the two chunks in strict turns (``interleave.py``): each chunk's phases are cut at its expert
+        all-to-alls, and each exchange is in flight while the other chunk computes its next phase. The turn
+        order is fixed by the chunks' structure, identical on every rank of an ep group; forward exchanges go
+        over the ep group, backward ones over its twin (``ProcessGroups.ep_backward``): no race picks the order
+        of any collective. The arithmetic of each micro-batch is the same, so the result is bitwise the
+        sequential one (tested).
     SEND_* / RECV_*   a maximal run of them is one posted batch (``p2p.py``)
 
 A receive is waited for right before the compute that consumes it, sends at the end of the step. Where two
@@ -37,13 +38,13 @@ which ZeRO-2 reduces and partitions each pass's gradients (``raymoe.zero``).
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from raymoe.parallel.interleave import Interleaver, PhaseTiming
 from raymoe.parallel.p2p import Transfer, Transport, Work, transfer_tag
 from raymoe.parallel.stage_plan import PipelineStage
 from raymoe.parallel.weight_grad import WeightGradStore, defer_weight_grads
@@ -59,6 +60,8 @@ class ActionTiming:
     start_s: float
     """Seconds since the start of the step (this rank's clock)."""
     end_s: float
+    forward_end_s: float | None = None
+    """An F&B pair run one half after the other: when its forward half ended (None otherwise)."""
 
 
 @dataclass(kw_only=True)
@@ -80,6 +83,9 @@ class StepOutcome:
     """Time spent waiting for received tensors (outside the compute timings)."""
     send_wait_s: float = 0.0
     peak_live_activations: int = 0
+    phases: list[PhaseTiming] = field(default_factory=list)
+    """The turns of the overlapped F&B pairs (``interleave.py``), seconds since the start of the step; empty
+    without overlap."""
 
 
 @dataclass
@@ -192,6 +198,11 @@ class Executor:
         self._after_backward = after_backward or (lambda: None)
         self.overlap = overlap
         self._compute_context = compute_context
+        self._interleaver = Interleaver() if overlap else None
+        if overlap:  # the all-to-all dispatchers of this stage take turns through it (local twins have no turns)
+            for moe in stage.moe_layers():
+                if hasattr(type(moe.dispatcher), "interleaver"):
+                    moe.dispatcher.interleaver = self._interleaver
 
     # -- one step ------------------------------------------------------------------------------------------------
     def run(self, actions: Sequence[Action], tokens: Mapping[int, torch.Tensor], mtp_weight: float) -> StepOutcome:
@@ -276,13 +287,16 @@ class Executor:
         else:  # pragma: no cover - Kind is closed
             raise AssertionError(f"unknown action kind {action.kind}")
 
-    def _timed(self, action: Action, run: Callable[[], object], *, inputs: list[Action]) -> None:
+    def _timed(self, action: Action, run: Callable[[], float | None], *, inputs: list[Action]) -> None:
+        """Run ``run`` and time it; ``run`` may return the ``perf_counter`` time its forward half ended."""
         for part in inputs:  # wait for received inputs first, so that timings are compute only
             self._fetch_input(part)
-        start = time.perf_counter() - self._step.t0
-        run()
-        self._step.timings.append(ActionTiming(kind=action.kind.value, stage=action.stage, microbatch=action.microbatch,
-                                          start_s=start, end_s=time.perf_counter() - self._step.t0))
+        t0 = self._step.t0
+        start = time.perf_counter() - t0
+        forward_end = run()
+        self._step.timings.append(ActionTiming(
+            kind=action.kind.value, stage=action.stage, microbatch=action.microbatch, start_s=start,
+            end_s=time.perf_counter() - t0, forward_end_s=None if forward_end is None else forward_end - t0))
 
     def _fetch_input(self, part: Action) -> None:
         """Move a received activation / output gradient into the local hand-over maps."""
@@ -296,30 +310,17 @@ class Executor:
     def _local(self, stage: int | None) -> bool:
         return stage is not None and self.placement.rank_of(stage) == self.pipeline_rank
 
-    def _in_turn(self, forward: Action, backward: Action) -> None:
+    def _in_turn(self, forward: Action, backward: Action) -> float:
         self._forward(forward)
+        forward_end = time.perf_counter()
         self._backward(backward, split=False)
+        return forward_end
 
     def _overlapped(self, forward: Action, backward: Action) -> None:
-        """The F&B pair's two chunks at once: the forward on a thread, the backward here. They touch different
-        micro-batches; the backward alone writes gradients, so every sum runs in its usual order."""
-        failure: list[BaseException] = []
-
-        def run_forward() -> None:
-            try:
-                with self._compute_context():
-                    self._forward(forward)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the executor's thread below
-                failure.append(exc)
-
-        thread = threading.Thread(target=run_forward, name=f"fb-forward-{forward.stage}-{forward.microbatch}")
-        thread.start()
-        try:
-            self._backward(backward, split=False)
-        finally:
-            thread.join()
-        if failure:
-            raise failure[0]
+        """The F&B pair's two chunks in turns (``interleave.py``). They touch different micro-batches; the
+        backward alone writes gradients, so every sum runs in its usual order."""
+        self._interleaver.run_pair(lambda: self._forward(forward), lambda: self._backward(backward, split=False),
+                                   label=f"{forward}&{backward}", context=self._compute_context)
 
     def _forward(self, action: Action) -> None:
         info = self.placement.info(action.stage)
@@ -400,4 +401,6 @@ class Executor:
             recv_wait_s=step.recv_wait,
             send_wait_s=step.send_wait,
             peak_live_activations=step.peak_live,
+            phases=[replace(p, start_s=p.start_s - step.t0, end_s=p.end_s - step.t0)
+                    for p in (self._interleaver.take() if self._interleaver is not None else [])],
         )

@@ -322,7 +322,8 @@ class Driver(DriverCheckpoints, TracksProgress):
 
 def dispatch_metrics(results: list[StepResult], topology: Topology) -> dict:
     """The step's expert all-to-all, summed over workers: bytes sent (naive one-copy-per-expert, deduplicated,
-    measured same-node / cross-node), the slowest rank's seconds in it, and the rows each ep rank received."""
+    measured same-node / cross-node), the slowest rank's seconds in it (issue to result) and waiting for it
+(exposed: all of it unless ``schedule.overlap_a2a`` hid some), and the rows each ep rank received."""
     total = {k: sum(r.dispatch.get(k, 0) for r in results) for k in
              ("naive_bytes", "dedup_bytes", "measured_same_node_bytes", "measured_cross_node_bytes")}
     received = [r.dispatch.get("rows_received", 0) for r in results]
@@ -333,6 +334,7 @@ def dispatch_metrics(results: list[StepResult], topology: Topology) -> dict:
         "a2a_measured_same_node_bytes": total["measured_same_node_bytes"],
         "a2a_measured_cross_node_bytes": total["measured_cross_node_bytes"],
         "a2a_seconds_max": max(r.dispatch.get("seconds", 0.0) for r in results),
+        "a2a_exposed_seconds_max": max(r.dispatch.get("exposed_seconds", 0.0) for r in results),
         "a2a_rows_received_max": max(received),
         "a2a_rows_received_mean": mean,
         "a2a_peak_rows_received": max(r.dispatch.get("peak_rows_received", 0) for r in results),

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from raymoe.parallel.executor import ActionTiming
+from raymoe.parallel.interleave import ExchangeTiming, PhaseTiming
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +68,10 @@ class StepResult:
     dispatch: dict = field(default_factory=dict)
     """Expert all-to-all of this step on this rank (``raymoe.parallel.dispatcher.DispatchStats``): bytes sent
     (naive / deduplicated / measured same-node and cross-node), seconds, rows received; zeros without EP."""
+    phases: tuple[PhaseTiming, ...] = ()
+    """The turns of the overlapped F&B pairs (``schedule.overlap_a2a``), on the ``timings`` clock."""
+    exchanges: tuple[ExchangeTiming, ...] = ()
+    """Every expert all-to-all of the step in issue order, on the ``timings`` clock; empty without EP."""
     grads: dict[str, torch.Tensor] | None = None
     params_before: dict[str, torch.Tensor] | None = None
     params_after: dict[str, torch.Tensor] | None = None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -206,6 +206,7 @@ class Worker:
         set_gate_biases(layout.stage.gates(), inputs.bias_RE)
         if layout.dispatcher is not None:
             layout.dispatcher.stats.reset()
+            layout.dispatcher.take_exchange_log()  # drop what an aborted step may have left
         indices = sorted(inputs.microbatches)
         fetched = ray.get([inputs.microbatches[m] for m in indices])
         tokens = {m: t.to(self.device) for m, t in zip(indices, fetched)}
@@ -233,8 +234,17 @@ class Worker:
             optimizer_state_bytes=memory.state_bytes, optimizer_master_bytes=memory.master_bytes,
             optimizer_grad_bytes=memory.grad_bytes, peak_memory_bytes=self._peak_memory(),
             dispatch=(layout.dispatcher.stats if layout.dispatcher is not None else DispatchStats()).as_dict(),
+            phases=tuple(outcome.phases), exchanges=self._exchanges(layout, outcome.origin_s),
             **captured,
         )
+
+    @staticmethod
+    def _exchanges(layout: _Layout, origin_s: float) -> tuple:
+        """This step's all-to-alls on the executor's clock (seconds since the step began)."""
+        if layout.dispatcher is None:
+            return ()
+        return tuple(replace(e, issued_s=e.issued_s - origin_s, wait_s=e.wait_s - origin_s,
+                             done_s=e.done_s - origin_s) for e in layout.dispatcher.take_exchange_log())
 
     def _sum_replicas(self, named: dict[str, torch.nn.Parameter], sync: GradSync) -> None:
         """Tied embedding and DualPipe mirror copies: sum their gradients so every copy takes the same step."""
