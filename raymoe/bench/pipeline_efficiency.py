@@ -1,9 +1,9 @@
 """How close a pipeline step comes to what its schedule promises: pp=2 pipelines vs the single-process trainer.
 
-The measurement (issue 15): the ``small`` preset with 8 layers, micro-batches of 1 x 128 tokens, fp32, pp=2 dp=1.
-DualPipe, DualPipeV and 1F1B are loaded side by side on the same two worker actors, and every step of every
-pipeline is paired with a step of the single-process ``ReferenceTrainer`` (one thread, in this process) on the
-same global batch, run right before it. Each timed call waits until other processes use less than
+The measurement (issue 15): the ``small`` preset with 8 layers, 8 and 4 micro-batches of 1 x 128 tokens, fp32,
+pp=2 dp=1. DualPipe, DualPipeV and 1F1B are loaded side by side on the same two worker actors, and every step of
+every pipeline is paired with a step of the single-process ``ReferenceTrainer`` (one thread, in this process) on
+the same global batch, run right before it. Each timed call waits until other processes use less than
 ``LOAD_THRESHOLD`` cores (``raymoe.bench.load.wait_for_quiet``; our own Ray processes do not count), and the load
 seen is recorded. Per pipeline:
 
@@ -40,7 +40,7 @@ PRESET = "small"
 NUM_LAYERS = 8
 PP = 2
 SCHEDULES = ("dualpipe", "dualpipev", "1f1b")
-MICROBATCHES, QUICK_MICROBATCHES = 8, 4
+MICROBATCHES, QUICK_MICROBATCHES = (8, 4), (4,)
 STEPS, QUICK_STEPS = 15, 2
 WARMUP, QUICK_WARMUP = 2, 1
 LOAD_THRESHOLD = 0.15
@@ -258,13 +258,13 @@ def run(out_dir: Path, *, quick: bool = False) -> dict:
     try:
         with ray_session():
             if quick:
-                layout = measure(QUICK_MICROBATCHES, QUICK_STEPS, QUICK_WARMUP, quick=True)
+                layouts = [measure(m, QUICK_STEPS, QUICK_WARMUP, quick=True) for m in QUICK_MICROBATCHES]
             else:
-                layout = measure(MICROBATCHES, STEPS, WARMUP, quick=False)
+                layouts = [measure(m, STEPS, WARMUP, quick=False) for m in MICROBATCHES]
     finally:
         torch.set_num_threads(threads)
     results = {"preset": PRESET, "num_layers": NUM_LAYERS, "pp": PP, "quick": quick, "load_threshold": LOAD_THRESHOLD,
-               "machine": machine_load(), "layouts": [layout]}
+               "machine": machine_load(), "layouts": layouts}
     results["markdown"] = markdown(results)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
