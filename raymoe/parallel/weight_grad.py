@@ -102,7 +102,7 @@ class WeightGradStore:
         return _Capture(self, key)
 
     def put(self, weight: nn.Parameter, x_NK: torch.Tensor, grad_NO: torch.Tensor) -> None:
-        """Queue ``dW = (x^T dY)^T`` for ``weight``; the GEMM runs in the dtype of ``x`` and ``dY`` (bf16 under
+        """Queue ``dW = dY^T x`` for ``weight``; the GEMM runs in the dtype of ``x`` and ``dY`` (bf16 under
         autocast) and its result is accumulated in the parameter's dtype."""
         assert self._capturing is not None, "put() outside a capture"
         self._queues[self._capturing].append((weight, x_NK, grad_NO))
