@@ -80,3 +80,26 @@ def test_hooked_split_outside_a_capture_still_computes_the_weight_gradient():
     linear(x).sum().backward()
     deferred(x).sum().backward()
     assert torch.equal(linear.weight.grad, deferred.weight.grad)
+
+
+def test_executor_defers_exactly_the_forwards_an_i_splits(monkeypatch):
+    """Through a real DualPipe step: the stage announces every chunk forward in action-list order and the store
+    defers just the ones an I splits (all other forwards ran plain F.linear); the gradients stay the reference's."""
+    from tests.test_parallel_executor import _config, _tokens, run_pipeline
+
+    seen: list[tuple[int, bool]] = []
+    begin = WeightGradStore.begin_forward
+
+    def record(self, chunk):
+        begin(self, chunk)
+        seen.append((chunk, self.defers_forward))
+
+    monkeypatch.setattr(WeightGradStore, "begin_forward", record)
+    config = _config(2, "dualpipe", 4)
+    _, _, schedule = run_pipeline(config, _tokens(config))
+    expected = []
+    for r in range(2):
+        flags = split_forwards(schedule.actions[r], schedule.placement)
+        expected += [(c, f) for c, fs in flags.items() for f in fs]
+    assert sorted(seen) == sorted(expected)
+    assert sum(f for _, f in seen) == sum(a.kind.value == "I" for acts in schedule.actions.values() for a in acts) > 0
