@@ -14,6 +14,7 @@ BENCHMARKS = {
     "runtime_schedules": "raymoe.bench.runtime_schedules",
     "expert_parallel": "raymoe.bench.expert_parallel",
     "a2a_overlap": "raymoe.bench.a2a_overlap",
+    "pipeline_efficiency": "raymoe.bench.pipeline_efficiency",
 }
 
 TINY_CAPABLE = frozenset({"gpu"})

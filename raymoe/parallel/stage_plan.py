@@ -18,7 +18,7 @@ stage starts bit-identical to the same tensors of the single-process reference.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -102,6 +102,9 @@ class PipelineStage(nn.Module):
             self.head = model.head
             self.mtp = model.mtp
         self.rope = model.rope
+        self.forward_listener: Callable[[int], None] | None = None
+        """Told the chunk before each chunk forward: the weight-gradient store uses it to know which forward runs
+        (``raymoe.parallel.weight_grad``)."""
 
     def forward_chunk(
         self, chunk: int, x_BTD: torch.Tensor | None, tokens_BL: torch.Tensor | None, mtp_weight: float
@@ -109,6 +112,8 @@ class PipelineStage(nn.Module):
         """Run chunk ``chunk``: from tokens (chunk 0) or the previous chunk's activations ``x_BTD``."""
         if chunk not in self.chunks:
             raise ValueError(f"chunk {chunk} is not held here (this stage holds chunks {list(self.chunks)})")
+        if self.forward_listener is not None:
+            self.forward_listener(chunk)
         if chunk == 0:
             h_BTD = self.embed(tokens_BL[:, : tokens_BL.shape[1] - 1 - self.mtp_depth])
         else:

@@ -54,6 +54,9 @@ class StepResult:
     """Summed duration of this rank's compute actions."""
     optimizer_s: float
     """Gradient sync (embedding / mirror), dp reduction, clipping and the update."""
+    replica_sync_s: float = 0.0
+    """The part of ``optimizer_s`` spent summing replicated gradients (tied embedding, DualPipe mirror) after the
+    last backward: what the overlapped mirror sums still leave exposed."""
     recv_wait_s: float
     send_wait_s: float
     peak_live_activations: int

@@ -5,7 +5,8 @@ full model from the run seed, keeps the chunks its pipeline rank holds (``Pipeli
 parameters in the ZeRO optimizer and builds the executor for its action list (shipped once, at load). Each
 ``run_step`` is then one Ray call: fetch its micro-batches from the object store, write the routing state into
 its gates, run its actions (activations and gradients go peer to peer), sum replicated gradients (tied
-embedding, DualPipe mirror), step the optimizer, and return a ``StepResult``.
+embedding; DualPipe's mirror copies chunk by chunk while the backward work still runs, ``grad_sync.py``), step the
+optimizer, and return a ``StepResult``.
 
 A worker may hold several loaded layouts of the same topology at once (keyed by name); the benchmark uses that
 to alternate schedules step by step on the same actors.
@@ -26,6 +27,7 @@ from raymoe.model.build import compute_context
 from raymoe.model.moe import is_expert_parameter
 from raymoe.parallel.dispatcher import AllToAllDispatcher, DispatchStats, experts_of, install_dispatcher
 from raymoe.parallel.executor import Executor
+from raymoe.parallel.grad_sync import MirrorGradSync, build_mirror_lanes
 from raymoe.parallel.groups import ProcessGroups, all_reduce_sum, build_process_groups
 from raymoe.parallel.p2p import TorchTransport
 from raymoe.parallel.stage_plan import GradSync, PipelineStage, build_stage, grad_sync_plan, plan_stages
@@ -44,6 +46,7 @@ class _Layout:
     optimizer: object
     sync: GradSync
     dispatcher: AllToAllDispatcher | None = None
+    mirror: MirrorGradSync | None = None
 
 
 class Worker:
@@ -57,6 +60,7 @@ class Worker:
         self._store = None
         self.groups: ProcessGroups | None = None
         self.layouts: dict[str, _Layout] = {}
+        self._mirror_lanes: tuple | None = None  # DualPipe's per-unit mirror groups, made at the first such load
 
     # -- bootstrap ---------------------------------------------------------------------------------------------
     def open_store(self, world_size: int, timeout_s: float) -> tuple[str, int]:
@@ -136,6 +140,12 @@ class Worker:
             expert_params=[named[n] for n in named if is_expert_parameter(n)] if p.ep > 1 else (),
             ep_group=self.groups.ep, edp_group=self.groups.edp,
         )
+        mirror = None
+        if sync.mirror:
+            if self._mirror_lanes is None:  # collective: every rank loads the same layout at once
+                self._mirror_lanes = build_mirror_lanes(self.topology.mirror_groups(), self.rank)
+            mirror = MirrorGradSync(stage=stage, names=sync.mirror, actions=actions, placement=placement,
+                                    lanes=self._mirror_lanes)
         executor = Executor(
             stage=stage, placement=placement, pipeline_rank=pp_rank,
             global_rank_of=[self.topology.pipeline_peer(self.rank, r) for r in range(p.pp)],
@@ -143,10 +153,11 @@ class Worker:
             activation_shape=(config.micro_batch_size, config.data.seq_len, config.model.dim),
             # activations between stages are fp32: parameters are fp32 master weights and bf16 is autocast compute
             num_routers=num_routers, num_experts=num_experts, dtype=torch.float32,
-            device=self.device, after_backward=optimizer.after_backward, overlap=config.schedule.overlap_a2a,
+            device=self.device, after_backward=_after_backward(optimizer, mirror),
+            overlap=config.schedule.overlap_a2a,
             compute_context=lambda: compute_context(config, self.device),
         )
-        self.layouts[key] = _Layout(config, stage, tuple(actions), executor, optimizer, sync, dispatcher)
+        self.layouts[key] = _Layout(config, stage, tuple(actions), executor, optimizer, sync, dispatcher, mirror)
         return LoadInfo(
             rank=self.rank, chunks=stage.chunks, layers=tuple(int(i) for i in stage.layers),
             num_params=sum(t.numel() for t in named.values()), param_bytes=_bytes(named.values()),
@@ -210,12 +221,15 @@ class Worker:
         indices = sorted(inputs.microbatches)
         fetched = ray.get([inputs.microbatches[m] for m in indices])
         tokens = {m: t.to(self.device) for m, t in zip(indices, fetched)}
+        if layout.mirror is not None:
+            layout.mirror.begin_step()
         with compute_context(layout.config, self.device):
             outcome = layout.executor.run(layout.actions, tokens, inputs.mtp_weight)
 
         opt_start = time.perf_counter()
         named = dict(layout.stage.named_parameters())
-        self._sum_replicas(named, layout.sync)
+        self._sum_replicas(named, layout)
+        sync_end = time.perf_counter()
         captured = self._capture(named, layout.optimizer) if inputs.capture else {}
         grad_norm = layout.optimizer.step(inputs.lr)
         if inputs.capture:
@@ -229,6 +243,7 @@ class Worker:
             num_loss_microbatches=outcome.num_loss_microbatches, counts_RE=outcome.counts_RE, grad_norm=grad_norm,
             timings=tuple(outcome.timings), timings_origin_s=outcome.origin_s, step_s=end - start,
             compute_s=sum(t.end_s - t.start_s for t in outcome.timings), optimizer_s=end - opt_start,
+            replica_sync_s=sync_end - opt_start,
             recv_wait_s=outcome.recv_wait_s, send_wait_s=outcome.send_wait_s,
             peak_live_activations=outcome.peak_live_activations, param_bytes=_bytes(named.values()),
             optimizer_state_bytes=memory.state_bytes, optimizer_master_bytes=memory.master_bytes,
@@ -246,12 +261,13 @@ class Worker:
         return tuple(replace(e, issued_s=e.issued_s - origin_s, wait_s=e.wait_s - origin_s,
                              done_s=e.done_s - origin_s) for e in layout.dispatcher.take_exchange_log())
 
-    def _sum_replicas(self, named: dict[str, torch.nn.Parameter], sync: GradSync) -> None:
-        """Tied embedding and DualPipe mirror copies: sum their gradients so every copy takes the same step."""
-        for names, group in ((sync.embedding, self.groups.embedding), (sync.mirror, self.groups.mirror)):
-            if names:
-                grads = [_grad(named[n]) for n in sorted(names)]
-                all_reduce_sum(grads, group)
+    def _sum_replicas(self, named: dict[str, torch.nn.Parameter], layout: _Layout) -> None:
+        """Tied embedding and DualPipe mirror copies: sum their gradients so every copy takes the same step. The
+        mirror sums were started during the backward work (``MirrorGradSync``); here they are waited for."""
+        if layout.sync.embedding:
+            all_reduce_sum([_grad(named[n]) for n in sorted(layout.sync.embedding)], self.groups.embedding)
+        if layout.mirror is not None:
+            layout.mirror.finish()
 
     def _capture(self, named: dict[str, torch.nn.Parameter], optimizer) -> dict:
         """dp-averaged gradients (before clipping) and parameters before the update, for parity checks."""
@@ -272,6 +288,18 @@ class Worker:
         self.layouts.clear()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _after_backward(optimizer, mirror: MirrorGradSync | None):
+    """The executor's one seam after each backward pass: ZeRO-2's reduction, then the mirror sums it made due."""
+    if mirror is None:
+        return optimizer.after_backward
+
+    def after_backward() -> None:
+        optimizer.after_backward()
+        mirror.after_backward()
+
+    return after_backward
 
 
 def _grad(p: torch.nn.Parameter) -> torch.Tensor:

@@ -1,0 +1,276 @@
+"""How close a pipeline step comes to what its schedule promises: pp=2 pipelines vs the single-process trainer.
+
+The measurement (issue 15): the ``small`` preset with 8 layers, 8 and 4 micro-batches of 1 x 128 tokens, fp32,
+pp=2 dp=1. DualPipe, DualPipeV and 1F1B are loaded side by side on the same two worker actors, and every step of
+every pipeline is paired with a step of the single-process ``ReferenceTrainer`` (one thread, in this process) on
+the same global batch, run right before it. Each timed call waits until other processes use less than
+``LOAD_THRESHOLD`` cores (``raymoe.bench.load.wait_for_quiet``; our own Ray processes do not count), and the load
+seen is recorded. Per pipeline:
+
+* step time (driver wall time) min / median / max, the reference's, their ratio median/median and the
+  distribution of the per-step ratios (each pipeline step over the reference step next to it);
+* the *ideal*: the simulator on this schedule with every action costing what its chunk costs alone
+  (``chunk_costs.measure_chunks``, measured here beforehand), plus the reference's optimizer time scaled by the
+  share of the model the busiest rank updates (all of it under DualPipe, whose ranks hold both copies' chunks);
+* the breakdown: compute excess = per-rank compute summed over ranks / the reference's forward+backward on the
+  same micro-batches; optimizer (incl. the DualPipe copy sums) against the reference optimizer, and the part of
+  it still spent summing copies after the last backward; waiting on receives; driver overhead (step wall time
+  minus the slowest worker's ``run_step``).
+
+Also measured standalone (same gating): a whole-model forward+backward with ``nn.Linear`` vs ``DeferredLinear``
+on each of its paths (``raymoe.parallel.weight_grad``), and the stage balance the simulator picks from
+per-layer costs (``chunk_costs.best_stage_layers``); where it predicts a gain above ``BALANCE_MIN_GAIN`` the
+balanced layout runs as one more pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from raymoe.bench import chunk_costs
+from raymoe.bench.deferred_overhead import deferred_linear_overhead
+from raymoe.bench.load import machine_load, spread, wait_for_quiet
+
+PRESET = "small"
+NUM_LAYERS = 8
+PP = 2
+SCHEDULES = ("dualpipe", "dualpipev", "1f1b")
+MICROBATCHES, QUICK_MICROBATCHES = (8, 4), (4,)
+STEPS, QUICK_STEPS = 15, 2
+WARMUP, QUICK_WARMUP = 2, 1
+LOAD_THRESHOLD = 0.15
+"""Cores other processes may use while a step is timed."""
+GATE_TIMEOUT_S = 120.0
+BALANCE_MIN_GAIN = 0.01
+MTP_WEIGHT_STANDALONE = 0.3
+
+
+def config_for(schedule: str, microbatches: int, steps: int, stage_layers=()):
+    from raymoe.config import load_config
+
+    overrides = [f"model.num_layers={NUM_LAYERS}", f"parallel.pp={PP}", f"schedule.name={schedule}",
+                 f"schedule.num_microbatches={microbatches}", f"data.batch_size={microbatches}",
+                 f"run.steps={steps}"]
+    if stage_layers:
+        overrides.append(f"parallel.stage_layers=[{','.join(map(str, stage_layers))}]")
+    return load_config(PRESET, overrides)
+
+
+class Gate:
+    """``wait_for_quiet`` before each timed call, remembering what it saw (quick runs do not wait)."""
+
+    def __init__(self, quick: bool) -> None:
+        self.quick = quick
+        self.seen: list[dict] = []
+
+    def __call__(self) -> dict:
+        seen = wait_for_quiet(float("inf") if self.quick else LOAD_THRESHOLD, window_s=0.1 if self.quick else 0.3,
+                              timeout_s=GATE_TIMEOUT_S)
+        self.seen.append(seen)
+        return seen
+
+
+def standalone(microbatches: int, tokens_BL: torch.Tensor, gate: Gate, repeats: int) -> dict:
+    """Per-chunk costs of each schedule's cut, per-layer costs, and the simulator's stage balance."""
+    from raymoe.schedule import build_schedule
+
+    config = config_for("1f1b", microbatches, 1)
+    micro_BL = tokens_BL[:1]
+    out = {"chunks": {}, "balance": {}}
+    for num_chunks in sorted({build_schedule(s, PP, microbatches).placement.num_chunks for s in SCHEDULES}):
+        gate()
+        out["chunks"][num_chunks] = chunk_costs.measure_chunks(config, num_chunks, (), micro_BL,
+                                                               mtp_weight=MTP_WEIGHT_STANDALONE, repeats=repeats)
+    gate()
+    per_layer = chunk_costs.measure_chunks(config, NUM_LAYERS, (), micro_BL, mtp_weight=MTP_WEIGHT_STANDALONE,
+                                           repeats=repeats)
+    out["layers"] = per_layer
+    for name in SCHEDULES:
+        out["balance"][name] = chunk_costs.best_stage_layers(build_schedule(name, PP, microbatches), per_layer,
+                                                             NUM_LAYERS)
+    return out
+
+
+def variants(balance: dict) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(label, schedule, stage_layers): every schedule evenly cut, plus the simulator's balanced cuts worth it."""
+    out = [(name, name, ()) for name in SCHEDULES]
+    for name in SCHEDULES:
+        choice = balance[name]
+        if choice["predicted_gain"] >= BALANCE_MIN_GAIN and choice["best_stage_layers"] != choice["even_stage_layers"]:
+            layers = tuple(choice["best_stage_layers"])
+            out.append((f"{name} {list(layers)}", name, layers))
+    return out
+
+
+def measure(microbatches: int, steps: int, warmup: int, quick: bool) -> dict:
+    from raymoe.bench import schedule_fit as fit
+    from raymoe.parallel.topology import Topology
+    from raymoe.runtime.driver import Driver
+    from raymoe.runtime.worker_group import WorkerGroup
+    from raymoe.train import ReferenceTrainer
+
+    gate = Gate(quick)
+    reference = ReferenceTrainer(config_for("1f1b", microbatches, steps + warmup))
+    total_params = sum(p.numel() for p in reference.model.parameters())
+    first = reference.batches.next_batch()
+    alone = standalone(microbatches, first, gate, repeats=2 if quick else 5)
+    gate()
+    overhead = deferred_linear_overhead(reference.config, first[:1], repeats=2 if quick else 7, gate=gate)
+    chosen = variants(alone["balance"])
+    group = WorkerGroup(Topology(pp=PP), num_cpus_per_worker=1.0).start()
+    drivers = {}
+    try:
+        for label, name, layers in chosen:
+            drivers[label] = Driver(config_for(name, microbatches, steps + warmup, layers), worker_group=group).start()
+        samples = {label: [] for label in drivers}
+        ref_fb = []
+        for step in range(steps + warmup):
+            batch = first if step == 0 else reference.batches.next_batch()
+            seen = gate()
+            fb_s, opt_s = _reference_phases(reference, batch, microbatches)
+            if step >= warmup:
+                ref_fb.append({"s": fb_s, "opt_s": opt_s, "foreign": seen["foreign_cores"]})
+            for label, driver in drivers.items():
+                ref_seen = gate()
+                ref_s = reference.step(batch)["step_time_s"]
+                seen = gate()
+                report = driver.step(batch)
+                if step >= warmup:
+                    samples[label].append(_sample(report, ref_s, fit.step_timeline(driver.schedule, report.results),
+                                                  max(ref_seen["foreign_cores"], seen["foreign_cores"])))
+        params = {label: max(i.num_params for i in d.load_info) / total_params for label, d in drivers.items()}
+    finally:
+        for driver in drivers.values():
+            driver.close()
+        group.shutdown()
+    ref_fb_s = statistics.median(x["s"] for x in ref_fb)
+    ref_opt_s = statistics.median(x["opt_s"] for x in ref_fb)
+    schedules = {}
+    for label, name, layers in chosen:
+        per_chunk = _cut_costs(alone, name, layers, microbatches)
+        schedules[label] = summarize(name, layers, samples[label], ref_fb_s, ref_opt_s, per_chunk, microbatches,
+                                     params[label])
+    return {"microbatches": microbatches, "steps": steps, "warmup": warmup,
+            "ref_fb_s": spread([x["s"] for x in ref_fb]),
+            "ref_optimizer_s": spread([x["opt_s"] for x in ref_fb]), "standalone": _jsonable(alone),
+            "deferred_linear": overhead, "schedules": schedules,
+            "foreign_cores": spread([g["foreign_cores"] for g in gate.seen]),
+            "gate_gave_up": sum(not g["quiet"] for g in gate.seen),
+            "gate_waited_s": sum(g["waited_s"] for g in gate.seen)}
+
+
+def _reference_phases(reference, batch: torch.Tensor, microbatches: int) -> tuple[float, float]:
+    """The single-process step's two halves, timed apart: forward+backward of every micro-batch, then clipping
+    and AdamW (an extra update of the reference's weights: harmless, only its timing is used)."""
+    from raymoe.train import accumulate_gradients
+    from raymoe.train.clip import clip_gradients
+
+    cfg = reference.config
+    reference.optimizer.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    accumulate_gradients(reference.model, batch, microbatches, MTP_WEIGHT_STANDALONE)
+    middle = time.perf_counter()
+    clip_gradients(reference.model.parameters(), cfg.optim.grad_clip)
+    reference.optimizer.step()
+    end = time.perf_counter()
+    reference.optimizer.zero_grad(set_to_none=True)
+    return middle - start, end - middle
+
+
+def _sample(report, ref_s: float, timeline, foreign: float) -> dict:
+    results = report.results
+    return {
+        "step_s": report.wall_s, "ref_step_s": ref_s, "ratio": report.wall_s / ref_s,
+        "compute_sum_s": sum(r.compute_s for r in results), "compute_max_s": max(r.compute_s for r in results),
+        "optimizer_s": max(r.optimizer_s for r in results), "replica_sync_s": max(r.replica_sync_s for r in results),
+        "recv_wait_max_s": max(r.recv_wait_s for r in results), "recv_wait_sum_s": sum(r.recv_wait_s for r in results),
+        "driver_overhead_s": report.record["driver_overhead_s"], "worker_s": report.record["worker_step_s"],
+        "makespan_s": timeline.makespan, "foreign_cores": foreign,
+    }
+
+
+def _cut_costs(alone: dict, schedule: str, layers: tuple[int, ...], microbatches: int) -> dict:
+    """Per-chunk standalone costs of this variant's cut: measured for even cuts, summed from layers otherwise."""
+    from raymoe.schedule import build_schedule
+
+    num_chunks = build_schedule(schedule, PP, microbatches).placement.num_chunks
+    if not layers:
+        return alone["chunks"][num_chunks]
+    return chunk_costs.chunk_costs_from_layers(alone["layers"], layers)
+
+
+def summarize(schedule: str, layers, samples: list[dict], ref_fb_s: float, ref_opt: float, per_chunk: dict,
+              microbatches: int, param_share: float) -> dict:
+    from raymoe.schedule import build_schedule
+
+    def med(key: str) -> float:
+        return statistics.median(s[key] for s in samples)
+
+    step, ref_step = med("step_s"), med("ref_step_s")
+    makespan = chunk_costs.ideal_makespan(build_schedule(schedule, PP, microbatches), per_chunk)
+    ideal_step = makespan + ref_opt * param_share
+    parts = {
+        "compute_excess": (med("compute_sum_s") - ref_fb_s) / PP,
+        "optimizer_and_copy_sync": med("optimizer_s") - ref_opt * param_share,
+        "waiting_on_receives": med("recv_wait_max_s"),
+        "driver_overhead": med("driver_overhead_s"),
+    }
+    gap = step - ideal_step
+    return {
+        "schedule": schedule, "stage_layers": list(layers),
+        "step_s": spread([s["step_s"] for s in samples]), "ref_step_s": spread([s["ref_step_s"] for s in samples]),
+        "ratio": step / ref_step, "per_step_ratio": spread([s["ratio"] for s in samples]),
+        "per_step_ratios": [s["ratio"] for s in samples],
+        "ideal_makespan_s": makespan, "ideal_step_s": ideal_step, "ideal_ratio": ideal_step / ref_step,
+        "step_over_ideal": step / ideal_step,
+        "makespan_s": spread([s["makespan_s"] for s in samples]),
+        "compute_sum_s": med("compute_sum_s"), "compute_excess": med("compute_sum_s") / ref_fb_s,
+        "compute_max_rank_s": med("compute_max_s"),
+        "optimizer_s": med("optimizer_s"), "ref_optimizer_s": ref_opt, "param_share_busiest_rank": param_share,
+        "replica_sync_after_backward_s": med("replica_sync_s"),
+        "recv_wait_max_rank_s": med("recv_wait_max_s"), "recv_wait_sum_s": med("recv_wait_sum_s"),
+        "driver_overhead_s": med("driver_overhead_s"),
+        "gap_to_ideal_s": gap, "gap_parts_s": parts,
+        "gap_shares": {k: (v / gap if gap > 0 else None) for k, v in parts.items()},
+        "foreign_cores": spread([s["foreign_cores"] for s in samples]),
+    }
+
+
+def _jsonable(alone: dict) -> dict:
+    def costs(c: dict) -> dict:
+        return {f"{kind}@{chunk}": v for (kind, chunk), v in c.items()}
+
+    return {"chunks": {str(n): costs(c) for n, c in alone["chunks"].items()}, "layers": costs(alone["layers"]),
+            "balance": alone["balance"]}
+
+
+def run(out_dir: Path, *, quick: bool = False) -> dict:
+    from raymoe.bench.pipeline_efficiency_report import markdown
+    from raymoe.runtime.session import ray_session
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the reference is one process on one core, like each worker
+    try:
+        with ray_session():
+            if quick:
+                layouts = [measure(m, QUICK_STEPS, QUICK_WARMUP, quick=True) for m in QUICK_MICROBATCHES]
+            else:
+                layouts = [measure(m, STEPS, WARMUP, quick=False) for m in MICROBATCHES]
+    finally:
+        torch.set_num_threads(threads)
+    results = {"preset": PRESET, "num_layers": NUM_LAYERS, "pp": PP, "quick": quick, "load_threshold": LOAD_THRESHOLD,
+               "machine": machine_load(), "layouts": layouts}
+    results["markdown"] = markdown(results)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "pipeline_efficiency.json").write_text(json.dumps(results, indent=2, default=str))
+    (out_dir / "pipeline_efficiency.md").write_text(results["markdown"] + "\n")
+    return {"markdown": results["markdown"], "layouts": [
+        {"microbatches": x["microbatches"], "ratios": {k: s["ratio"] for k, s in x["schedules"].items()},
+         "ideal_ratios": {k: s["ideal_ratio"] for k, s in x["schedules"].items()},
+         "compute_excess": {k: s["compute_excess"] for k, s in x["schedules"].items()}} for x in results["layouts"]]}

@@ -1,0 +1,77 @@
+"""The pipeline-efficiency benchmark: its cost model and stage-balance search (pure), the foreign-load gate, and a
+quick run through Ray that checks the result's structure (slow; never its timings)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raymoe.bench import chunk_costs
+from raymoe.bench.load import foreign_load, wait_for_quiet
+from raymoe.schedule import build_schedule, simulate
+
+
+def _layer_costs(num_layers: int, last_extra: float) -> dict:
+    """One cost unit per layer; the last layer also carries head + MTP (``last_extra``)."""
+    costs = {}
+    for i in range(num_layers):
+        scale = 1.0 + (last_extra if i == num_layers - 1 else 0.0)
+        costs.update({("F", i): scale, ("B", i): 2 * scale, ("I", i): 1.2 * scale, ("W", i): 0.8 * scale})
+    return costs
+
+
+def test_compositions_cut_every_way_with_one_layer_at_least():
+    cuts = list(chunk_costs.compositions(5, 3))
+    assert len(cuts) == 6 and all(sum(c) == 5 and min(c) >= 1 for c in cuts)
+
+
+def test_chunk_costs_are_sums_of_layer_costs():
+    out = chunk_costs.chunk_costs_from_layers(_layer_costs(4, 1.0), (1, 3))
+    assert out["F", 0] == 1.0 and out["F", 1] == 1.0 + 1.0 + 2.0 and out["W", 1] == pytest.approx(0.8 * 4)
+
+
+def test_fb_costs_its_forward_plus_its_backward_chunk():
+    schedule = build_schedule("dualpipev", 2, 8)
+    per_chunk = chunk_costs.chunk_costs_from_layers(_layer_costs(8, 0.0), (2, 2, 2, 2))
+    costs = chunk_costs.schedule_costs(schedule, per_chunk)
+    assert costs.per_chunk["FB", 0] == per_chunk["F", 0] + per_chunk["B", 3]  # DualPipeV pairs chunk 0 with 3
+    assert chunk_costs.ideal_makespan(schedule, per_chunk) == simulate(schedule, costs).makespan
+
+
+def test_balance_moves_layers_away_from_a_heavy_head():
+    """1F1B at pp=2: with a head worth 3 layers on the last chunk, the simulator gives that chunk fewer layers."""
+    choice = chunk_costs.best_stage_layers(build_schedule("1f1b", 2, 8), _layer_costs(8, 3.0), 8)
+    assert choice["even_stage_layers"] == [4, 4]
+    assert choice["best_stage_layers"][0] > choice["best_stage_layers"][1]
+    assert choice["best_makespan_s"] < choice["even_makespan_s"] and choice["predicted_gain"] > 0
+    even = chunk_costs.best_stage_layers(build_schedule("1f1b", 2, 8), _layer_costs(8, 0.0), 8)
+    assert even["best_stage_layers"] == [4, 4] and even["predicted_gain"] == 0
+
+
+def test_foreign_load_gate_reports_what_it_saw():
+    assert foreign_load(0.05) >= 0.0
+    seen = wait_for_quiet(float("inf"), window_s=0.05)
+    assert seen["quiet"] and seen["foreign_cores"] >= 0 and seen["waited_s"] >= 0
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_part_of_the_measurement(tmp_path):
+    from raymoe.bench import pipeline_efficiency as bench
+
+    summary = bench.run(tmp_path, quick=True)
+    data = json.loads((tmp_path / "pipeline_efficiency.json").read_text())
+    assert (tmp_path / "pipeline_efficiency.md").read_text().startswith("| schedule |")
+    (layout,) = data["layouts"]
+    assert set(bench.SCHEDULES) <= set(layout["schedules"])
+    for s in layout["schedules"].values():
+        assert len(s["per_step_ratios"]) == bench.QUICK_STEPS
+        assert set(s["step_s"]) == {"min", "median", "max", "n"} and s["ratio"] > 0 and s["ideal_ratio"] > 0
+        assert set(s["gap_parts_s"]) == {"compute_excess", "optimizer_and_copy_sync", "waiting_on_receives",
+                                         "driver_overhead"}
+        assert s["compute_excess"] > 0 and s["foreign_cores"]["n"] == bench.QUICK_STEPS
+    assert set(layout["standalone"]["balance"]) == set(bench.SCHEDULES)
+    assert set(layout["deferred_linear"]["seconds"]) == {"nn_linear", "unsplit", "split", "function_unsplit",
+                                                         "function_split"}
+    assert layout["deferred_linear"]["deferred_linears"] > 0
+    assert "markdown" in summary and set(summary["layouts"][0]["ratios"]) == set(layout["schedules"])
