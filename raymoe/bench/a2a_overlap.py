@@ -152,13 +152,11 @@ def _plots(schedule, on_samples, predicted_1to1, out_dir: Path, name: str) -> No
     costs = phase_fit.step_phases(schedule, middle, overlap=True)
     replayed = simulate(schedule, Costs(), check=False, durations=costs.durations)
     plot_timeline(schedule, replayed, out_dir / f"a2a_overlap_{name}_measured.png", lanes=costs,
-                  title=f"{name} pp=2 x ep=2, overlap on: a measured step replayed from its phases "
-                        f"({replayed.makespan:.3f} s), this CPU")
+                  title=f"{name} pp=2 x ep=2, overlap on: a measured step, replayed ({replayed.makespan:.2f} s)")
     step, lanes = predicted_1to1
     simulated = simulate(schedule, Costs(), check=False, durations=lanes.durations)
     plot_timeline(schedule, simulated, out_dir / f"a2a_overlap_{name}_1to1.png", lanes=lanes,
-                  title=f"{name} pp=2 x ep=2, overlap on: measured compute, all-to-all = compute (1:1) on its "
-                        f"own engine ({step:.3f} s)")
+                  title=f"{name} pp=2 x ep=2, overlap on: measured compute, all-to-all 1:1 ({step:.2f} s)")
 
 
 def simulated_one_to_one() -> list[dict]:
