@@ -23,11 +23,11 @@ SMs, NVLink/IB DMA) and the paper's DualPipe hides a 1:1 compute:communication r
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
 from raymoe.bench.load import machine_load, spread
+from raymoe.bench.results import write_results
 
 PRESET = "small"
 SCHEDULES = ("dualpipev", "dualpipe")
@@ -238,8 +238,7 @@ def run(out_dir: Path, *, quick: bool = False) -> dict:
     results = {"preset": PRESET, "quick": quick, "machine": machine_load(), "layouts": layouts,
                "simulated": simulated_one_to_one()}
     results["markdown"] = markdown(results)
-    (out_dir / "a2a_overlap.json").write_text(json.dumps(results, indent=2, default=str))
-    (out_dir / "a2a_overlap.md").write_text(results["markdown"] + "\n")
+    write_results(out_dir, "a2a_overlap", results)
     return {"markdown": results["markdown"], "hidden_fraction": {
         r["schedule"]: r["hidden_fraction"] for r in layouts}, "median_step_ratio": statistics.median(
         r["step_ratio_on_off"]["median"] for r in layouts)}

@@ -18,7 +18,6 @@ each token once per destination rank saves.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import statistics
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 from raymoe.bench.load import machine_load, spread
+from raymoe.bench.results import write_results
 
 PRESET = "small"
 EPS = (1, 2, 4)
@@ -184,8 +184,5 @@ def run(out_dir: Path, *, quick: bool = False) -> dict:
     results = {"preset": PRESET, "quick": quick, "machine": machine_load(), "throughput": throughput,
                "exchange": exchange}
     results["markdown"] = markdown(results)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "expert_parallel.json").write_text(json.dumps(results, indent=2, default=str))
-    (out_dir / "expert_parallel.md").write_text(results["markdown"] + "\n")
+    write_results(out_dir, "expert_parallel", results)
     return {"markdown": results["markdown"], "throughput": throughput, "exchange": exchange}

@@ -25,7 +25,6 @@ balanced layout runs as one more pipeline.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 from raymoe.bench import chunk_costs
 from raymoe.bench.deferred_overhead import deferred_linear_overhead
 from raymoe.bench.load import machine_load, spread, wait_for_quiet
+from raymoe.bench.results import write_results
 
 PRESET = "small"
 NUM_LAYERS = 8
@@ -266,10 +266,7 @@ def run(out_dir: Path, *, quick: bool = False) -> dict:
     results = {"preset": PRESET, "num_layers": NUM_LAYERS, "pp": PP, "quick": quick, "load_threshold": LOAD_THRESHOLD,
                "machine": machine_load(), "layouts": layouts}
     results["markdown"] = markdown(results)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "pipeline_efficiency.json").write_text(json.dumps(results, indent=2, default=str))
-    (out_dir / "pipeline_efficiency.md").write_text(results["markdown"] + "\n")
+    write_results(out_dir, "pipeline_efficiency", results)
     return {"markdown": results["markdown"], "layouts": [
         {"microbatches": x["microbatches"], "ratios": {k: s["ratio"] for k, s in x["schedules"].items()},
          "ideal_ratios": {k: s["ideal_ratio"] for k, s in x["schedules"].items()},

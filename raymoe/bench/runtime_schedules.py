@@ -31,13 +31,13 @@ reported as measured.
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import replace
 from pathlib import Path
 
 from raymoe.bench import schedule_fit as fit
 from raymoe.bench.load import machine_load, spread
+from raymoe.bench.results import write_results
 
 PRESET = "small"
 SCHEDULES = ("gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev")
@@ -205,10 +205,7 @@ def run(out_dir: Path, *, quick: bool = False) -> dict:
             layouts.append(layout)
     results = {"preset": PRESET, "steps": steps, "quick": quick, "machine": machine_load(), "layouts": layouts}
     results["markdown"] = markdown(results)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "runtime_schedules.json").write_text(json.dumps(results, indent=2, default=str))
-    (out_dir / "runtime_schedules.md").write_text(results["markdown"] + "\n")
+    write_results(out_dir, "runtime_schedules", results)
     return {"markdown": results["markdown"], "layouts": [
         {"pp": x["pp"], "ratios": {n: s["ratio"] for n, s in x["schedules"].items()},
          "dualpipe_vs_1f1b": x["dualpipe_vs_1f1b"]} for x in layouts]}
