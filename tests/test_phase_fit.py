@@ -16,7 +16,7 @@ KWARGS = dict(f=1.0, b=2.0, w=0.5, a2a_f=0.8, a2a_b=1.2, exchanges=4)
 
 def measured(schedule, *, overlap):
     """The simulated step as workers report it: timings, exchanges and (overlap) the pairs' turns."""
-    costs = phased_costs(schedule, uniform_programs(schedule, **KWARGS), overlap=overlap)
+    costs = phased_costs(schedule, uniform_programs(**KWARGS), overlap=overlap)
     result = simulate(schedule, Costs(), durations=costs.durations)
     out = []
     for r in range(schedule.pp):
@@ -60,7 +60,7 @@ def test_programs_replay_and_prediction_come_back(name, overlap):
     assert phase_fit.replay_phases(schedule, results, overlap=overlap) == pytest.approx(truth.makespan)
     means = phase_fit.mean_programs(schedule, [results])
     step, _ = phase_fit.predicted(schedule, means, overlap=overlap)
-    assert step == pytest.approx(truth.makespan)
+    assert step.makespan == pytest.approx(truth.makespan)
 
 
 def test_at_ratio_rescales_communication_only():

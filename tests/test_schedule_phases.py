@@ -55,7 +55,7 @@ def test_overlap_shortens_dualpipe_and_leaves_1f1b_alone():
     for name in ("dualpipe", "1f1b"):
         schedule = build_schedule(name, 4, 16)
         for overlap in (False, True):
-            costs = phased_costs(schedule, uniform_programs(schedule, **kwargs), overlap=overlap)
+            costs = phased_costs(schedule, uniform_programs(**kwargs), overlap=overlap)
             step[name, overlap] = simulate(schedule, Costs(), durations=costs.durations).makespan
     assert step["dualpipe", True] < 0.8 * step["dualpipe", False]  # most of DualPipe's steady state is pairs
     assert step["1f1b", True] == step["1f1b", False]  # no pairs: nothing to hide behind
@@ -64,7 +64,7 @@ def test_overlap_shortens_dualpipe_and_leaves_1f1b_alone():
 
 def test_exposed_time_and_lanes_of_a_pair():
     schedule = build_schedule("dualpipev", 2, 4)
-    costs = phased_costs(schedule, uniform_programs(schedule, f=1, b=2, w=1, a2a_f=1, a2a_b=2, exchanges=2),
+    costs = phased_costs(schedule, uniform_programs(f=1, b=2, w=1, a2a_f=1, a2a_b=2, exchanges=2),
                          overlap=True)
     pair = next(a for a in schedule.compute_actions(0) if a.kind.value == "FB")
     lanes = {s.lane for s in costs.segments[pair]}
@@ -79,7 +79,7 @@ def test_timeline_draws_the_all_to_all_lanes(tmp_path):
     from raymoe.schedule.timeline import plot_timeline
 
     schedule = build_schedule("dualpipev", 2, 4)
-    costs = phased_costs(schedule, uniform_programs(schedule, f=1, b=2, w=1, a2a_f=1, a2a_b=2, exchanges=2),
+    costs = phased_costs(schedule, uniform_programs(f=1, b=2, w=1, a2a_f=1, a2a_b=2, exchanges=2),
                          overlap=True)
     result = simulate(schedule, Costs(), durations=costs.durations)
     path = plot_timeline(schedule, result, tmp_path / "lanes.png", lanes=costs, title="lanes")
@@ -95,8 +95,8 @@ def test_pairing_1f1b_neighbours_is_checked_and_predicted_slower():
     for pp, m in ((2, 8), (4, 8)):
         paired, plain = paired_schedule("1f1b", pp, m), build_schedule("1f1b", pp, m)
         kwargs = dict(f=1.0, b=2.0, w=1.0, a2a_f=1.0, a2a_b=2.0, exchanges=4)
-        on = simulate(paired, Costs(), durations=phased_costs(paired, uniform_programs(paired, **kwargs),
+        on = simulate(paired, Costs(), durations=phased_costs(paired, uniform_programs(**kwargs),
                                                               overlap=True).durations).makespan
-        off = simulate(plain, Costs(), durations=phased_costs(plain, uniform_programs(plain, **kwargs),
+        off = simulate(plain, Costs(), durations=phased_costs(plain, uniform_programs(**kwargs),
                                                               overlap=False).durations).makespan
         assert on > off  # the module docstring's finding: pairing 1F1B costs more than it hides

@@ -87,14 +87,13 @@ def _pipeline(report) -> list:
 def summarize(schedule_name: str, samples: dict, schedule, out_dir: Path | None = None) -> dict:
     from raymoe.bench import phase_fit
     from raymoe.bench import schedule_fit as fit
-    from raymoe.schedule import Costs, simulate
+    from raymoe.schedule import Costs
 
     def layout(pairs, overlap: bool) -> dict:
         reports = [r for r, _ in pairs]
         timelines = [fit.step_timeline(schedule, _pipeline(r)) for r in reports]
         p2p = fit.p2p_latency(timelines) or 0.0
-        action_replay = [tl.makespan / simulate(schedule, Costs(p2p=p2p), check=False, durations={
-            s.action: s.duration for spans in tl.spans.values() for s in spans}).makespan for tl in timelines]
+        action_replay = [tl.makespan / fit.replay(tl, Costs(p2p=p2p)) for tl in timelines]
         phase_replay = [tl.makespan / phase_fit.replay_phases(schedule, _pipeline(r), overlap=overlap, p2p=p2p)
                         for tl, r in zip(timelines, reports)]
         return {
@@ -117,7 +116,7 @@ def summarize(schedule_name: str, samples: dict, schedule, out_dir: Path | None 
     steps_off = [_pipeline(r) for r, _ in samples[False]]
     means = phase_fit.mean_programs(schedule, steps_off)
     p2p = off["p2p_s"]
-    predicted = {overlap: phase_fit.predicted(schedule, means, overlap=overlap, p2p=p2p)[0]
+    predicted = {overlap: phase_fit.predicted(schedule, means, overlap=overlap, p2p=p2p)[0].makespan
                  for overlap in (False, True)}
     one_to_one = phase_fit.at_ratio(means, 1.0)
     predicted_1to1 = {overlap: phase_fit.predicted(schedule, one_to_one, overlap=overlap, p2p=p2p)
@@ -133,44 +132,46 @@ def summarize(schedule_name: str, samples: dict, schedule, out_dir: Path | None 
         "measured_comm_to_compute": comm / compute if compute else 0.0,
         "predicted_off_s": predicted[False], "predicted_on_s": predicted[True],
         "predicted_on_vs_measured": on["pipeline_s"]["median"] / predicted[True] if predicted[True] else None,
-        "predicted_1to1_off": predicted_1to1[False][0], "predicted_1to1_on": predicted_1to1[True][0],
+        "predicted_1to1_off": predicted_1to1[False][0].makespan,
+        "predicted_1to1_on": predicted_1to1[True][0].makespan,
         "mean_programs": {f"{k}@{c}": {"compute": p.compute, "a2a": p.a2a} for (k, c), p in means.items()},
     }
     if out_dir is not None:
-        _plots(schedule, samples[True], predicted_1to1[True], out_dir, schedule_name)
+        _plots(schedule, samples[True], predicted_1to1[True], p2p, out_dir, schedule_name)
     return result
 
 
-def _plots(schedule, on_samples, predicted_1to1, out_dir: Path, name: str) -> None:
-    """The median measured overlapped step replayed from its phases, and the 1:1 prediction, with lanes."""
+def _plots(schedule, on_samples, predicted_1to1, p2p: float, out_dir: Path, name: str) -> None:
+    """The median measured overlapped step replayed from its phases, and the 1:1 prediction, with lanes; both
+    timed with the measured P2P latency, as the replay ratios and the predictions are."""
     from raymoe.bench import phase_fit
-    from raymoe.schedule import Costs, simulate
+    from raymoe.schedule.phases import simulate_phased
     from raymoe.schedule.timeline import plot_timeline
 
     reports = sorted((r for r, _ in on_samples), key=lambda r: r.wall_s)
     middle = _pipeline(reports[len(reports) // 2])
     costs = phase_fit.step_phases(schedule, middle, overlap=True)
-    replayed = simulate(schedule, Costs(), check=False, durations=costs.durations)
+    replayed = simulate_phased(schedule, costs, p2p=p2p)
     plot_timeline(schedule, replayed, out_dir / f"a2a_overlap_{name}_measured.png", lanes=costs,
                   title=f"{name} pp=2 x ep=2, overlap on: a measured step, replayed ({replayed.makespan:.2f} s)")
-    step, lanes = predicted_1to1
-    simulated = simulate(schedule, Costs(), check=False, durations=lanes.durations)
+    simulated, lanes = predicted_1to1
     plot_timeline(schedule, simulated, out_dir / f"a2a_overlap_{name}_1to1.png", lanes=lanes,
-                  title=f"{name} pp=2 x ep=2, overlap on: measured compute, all-to-all 1:1 ({step:.2f} s)")
+                  title=f"{name} pp=2 x ep=2, overlap on: measured compute, all-to-all 1:1 "
+                        f"({simulated.makespan:.2f} s)")
 
 
 def simulated_one_to_one() -> list[dict]:
     """The paper's regime with uniform chunks: communication equal to compute (a2a_f = f, a2a_b = b) on its own
     engine, two MoE layers (four exchanges) per chunk; the step with and without overlap from the same action
     lists, and 1F1B with its B/F neighbours paired (``raymoe.schedule.pairing``)."""
-    from raymoe.schedule import Costs, build_schedule, simulate
+    from raymoe.schedule import build_schedule
     from raymoe.schedule.pairing import paired_schedule
-    from raymoe.schedule.phases import phased_costs, uniform_programs
+    from raymoe.schedule.phases import phased_costs, simulate_phased, uniform_programs
+
+    programs = uniform_programs(f=1.0, b=2.0, w=1.0, a2a_f=1.0, a2a_b=2.0, exchanges=4)
 
     def step(schedule, overlap: bool) -> float:
-        programs = uniform_programs(schedule, f=1.0, b=2.0, w=1.0, a2a_f=1.0, a2a_b=2.0, exchanges=4)
-        costs = phased_costs(schedule, programs, overlap=overlap)
-        return simulate(schedule, Costs(), check=False, durations=costs.durations).makespan
+        return simulate_phased(schedule, phased_costs(schedule, programs, overlap=overlap)).makespan
 
     rows = []
     for name, pp, m in (("dualpipe", 8, 20), ("dualpipev", 8, 20), ("1f1b", 8, 20), ("dualpipev", 2, 8),

@@ -24,8 +24,9 @@ import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 
-from raymoe.schedule import Action, Costs, Kind, Schedule, simulate
-from raymoe.schedule.phases import ChunkProgram, PhasedCosts, phased_costs
+from raymoe.schedule import Action, Kind, Schedule
+from raymoe.schedule.phases import ChunkProgram, PhasedCosts, phased_costs, simulate_phased
+from raymoe.schedule.simulator import SimResult
 
 
 def _program(start: float, end: float, exchanges: Sequence) -> ChunkProgram:
@@ -85,8 +86,7 @@ def step_phases(schedule: Schedule, results: Iterable, *, overlap: bool) -> Phas
 
 def replay_phases(schedule: Schedule, results: Iterable, *, overlap: bool, p2p: float = 0.0) -> float:
     """The simulator's makespan with every action's duration rebuilt from its measured phases."""
-    costs = step_phases(schedule, results, overlap=overlap)
-    return simulate(schedule, Costs(p2p=p2p), check=False, durations=costs.durations).makespan
+    return simulate_phased(schedule, step_phases(schedule, results, overlap=overlap), p2p=p2p).makespan
 
 
 def mean_programs(schedule: Schedule, steps: Sequence[Iterable]) -> dict[tuple[str, int], ChunkProgram]:
@@ -129,8 +129,9 @@ def at_ratio(programs: dict[tuple[str, int], ChunkProgram], ratio: float) -> dic
 
 
 def predicted(schedule: Schedule, programs: dict[tuple[str, int], ChunkProgram], *, overlap: bool,
-              p2p: float = 0.0) -> tuple[float, PhasedCosts]:
-    """The step the simulator predicts from per-(kind, chunk) programs; I/W fall back to B / compute-only."""
+              p2p: float = 0.0) -> tuple[SimResult, PhasedCosts]:
+    """The step the simulator predicts from per-(kind, chunk) programs (an I without its own falls back to the
+    B of its chunk), and the phased costs it was timed with."""
     def program_of(action: Action) -> ChunkProgram:
         chunk = schedule.placement.info(action.stage).chunk
         found = programs.get((action.kind.value, chunk))
@@ -142,4 +143,4 @@ def predicted(schedule: Schedule, programs: dict[tuple[str, int], ChunkProgram],
         return found
 
     costs = phased_costs(schedule, program_of, overlap=overlap)
-    return simulate(schedule, Costs(p2p=p2p), check=False, durations=costs.durations).makespan, costs
+    return simulate_phased(schedule, costs, p2p=p2p), costs

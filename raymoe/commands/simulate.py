@@ -102,15 +102,14 @@ def simulate(name, pp, microbatches, costs, as_json, plot, compare, csv_in, csv_
 
 def _simulate_a2a(schedule, costs, ratio, exchanges, overlap, plot, as_json) -> None:
     """The step with each chunk's all-to-all ``ratio`` x its compute, without and with overlap."""
-    from raymoe.schedule import simulate as run
-    from raymoe.schedule.phases import phased_costs, uniform_programs
+    from raymoe.schedule.phases import phased_costs, simulate_phased, uniform_programs
 
-    programs = uniform_programs(schedule, f=costs.f, b=costs.b, w=costs.w, a2a_f=ratio * costs.f,
-                                a2a_b=ratio * costs.b, exchanges=exchanges)
+    programs = uniform_programs(f=costs.f, b=costs.b, w=costs.w, a2a_f=ratio * costs.f, a2a_b=ratio * costs.b,
+                                exchanges=exchanges)
     steps, shown = {}, None
     for each in (False, True):
         phased = phased_costs(schedule, programs, overlap=each)
-        result = run(schedule, costs, check=False, durations=phased.durations)
+        result = simulate_phased(schedule, phased, p2p=costs.p2p)
         steps[each] = result.makespan
         if each == overlap:
             shown = (result, phased)

@@ -12,11 +12,11 @@ the two ways the executor runs them (``raymoe.parallel.interleave``):
   a separate communication lane, one at a time, in issue order (GPU copy engines / DeepEP's SMs; the paper's
   setting). The pair therefore costs at least max(compute, communication) and at most their sum.
 
-``phased_costs`` turns programs per (kind, chunk) into per-action durations for ``simulate`` and keeps each
-action's lane segments, so the timeline picture can draw the all-to-all lanes under the compute
-(``plot_timeline(..., lanes=)``, the paper's Figure 4/5 style). Fed with measured programs it replays a
-measured step (``raymoe.bench.phase_fit``); fed with uniform ones (``ChunkProgram.uniform``) it predicts what a
-compute:communication ratio gives with and without overlap.
+``phased_costs`` turns programs per (kind, chunk) into per-action durations (``simulate_phased`` times the
+schedule with them) and keeps each action's lane segments, so the timeline picture can draw the all-to-all lanes
+under the compute (``plot_timeline(..., lanes=)``, the paper's Figure 4/5 style). Fed with measured programs it
+replays a measured step (``raymoe.bench.phase_fit``); fed with uniform ones (``ChunkProgram.uniform``) it predicts
+what a compute:communication ratio gives with and without overlap.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from raymoe.schedule.action import Action, Kind
+from raymoe.schedule.simulator import Costs, SimResult, simulate
 
 COMPUTE, A2A = "compute", "a2a"
 
@@ -164,7 +165,12 @@ def phased_costs(schedule, program_of: Callable[[Action], ChunkProgram], *, over
     return PhasedCosts(durations=durations, segments=segments)
 
 
-def uniform_programs(schedule, *, f: float, b: float, w: float, a2a_f: float, a2a_b: float,
+def simulate_phased(schedule, phased: PhasedCosts, *, p2p: float = 0.0) -> SimResult:
+    """``schedule`` (already checked) timed with the durations of ``phased`` and P2P latency ``p2p``."""
+    return simulate(schedule, Costs(p2p=p2p), check=False, durations=phased.durations)
+
+
+def uniform_programs(*, f: float, b: float, w: float, a2a_f: float, a2a_b: float,
                      exchanges: int) -> Callable[[Action], ChunkProgram]:
     """Every chunk alike: F computes ``f`` around ``exchanges`` exchanges totalling ``a2a_f``; B computes ``b``
     around as many totalling ``a2a_b``; I is B without its weight half ``w``; W computes ``w`` alone."""
