@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from raymoe.parallel.groups import grad_or_zeros
 from raymoe.parallel.stage_plan import PipelineStage
 from raymoe.schedule import Action, Kind, Placement
 
@@ -148,7 +149,7 @@ class MirrorGradSync:
         self.issued_after.append((self._chunks[unit], self._passes))
         _, lane, buckets = self._units[unit]
         for params in buckets:
-            flat = torch.cat([_grad(p).reshape(-1) for p in params])
+            flat = torch.cat([grad_or_zeros(p).reshape(-1) for p in params])
             work = dist.all_reduce(flat, group=lane, async_op=True) if lane is not None else None
             self._pending.append((work, flat, params))
 
@@ -166,9 +167,3 @@ def _buckets(params: list[torch.nn.Parameter], bucket_bytes: int) -> list[list[t
     if current:
         buckets.append(current)
     return buckets
-
-
-def _grad(p: torch.nn.Parameter) -> torch.Tensor:
-    if p.grad is None:  # a parameter no micro-batch reached: its gradient is zero, and collectives need a tensor
-        p.grad = torch.zeros_like(p)
-    return p.grad

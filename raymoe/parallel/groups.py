@@ -50,6 +50,14 @@ def build_process_groups(topology: Topology, rank: int) -> ProcessGroups:
     return ProcessGroups(rank=rank, members=members, **mine)
 
 
+def grad_or_zeros(p: torch.nn.Parameter) -> torch.Tensor:
+    """``p.grad``, set to zeros first where no micro-batch reached ``p`` (an idle expert, a layer a step skipped):
+    a zero gradient, and every replica still takes part in the collectives, which need a tensor."""
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    return p.grad
+
+
 def all_reduce_sum(tensors: list[torch.Tensor], group) -> None:
     """Sum ``tensors`` over ``group`` in one flat buffer (no-op for ``None``, the one-rank group)."""
     if group is None or not tensors:

@@ -28,7 +28,7 @@ from raymoe.model.moe import is_expert_parameter
 from raymoe.parallel.dispatcher import AllToAllDispatcher, DispatchStats, experts_of, install_dispatcher
 from raymoe.parallel.executor import Executor
 from raymoe.parallel.grad_sync import MirrorGradSync, build_mirror_lanes
-from raymoe.parallel.groups import ProcessGroups, all_reduce_sum, build_process_groups
+from raymoe.parallel.groups import ProcessGroups, all_reduce_sum, build_process_groups, grad_or_zeros
 from raymoe.parallel.p2p import TorchTransport
 from raymoe.parallel.stage_plan import GradSync, PipelineStage, build_stage, grad_sync_plan, plan_stages
 from raymoe.parallel.topology import Topology
@@ -265,7 +265,7 @@ class Worker:
         """Tied embedding and DualPipe mirror copies: sum their gradients so every copy takes the same step. The
         mirror sums were started during the backward work (``MirrorGradSync``); here they are waited for."""
         if layout.sync.embedding:
-            all_reduce_sum([_grad(named[n]) for n in sorted(layout.sync.embedding)], self.groups.embedding)
+            all_reduce_sum([grad_or_zeros(named[n]) for n in sorted(layout.sync.embedding)], self.groups.embedding)
         if layout.mirror is not None:
             layout.mirror.finish()
 
@@ -300,12 +300,6 @@ def _after_backward(optimizer, mirror: MirrorGradSync | None):
         mirror.after_backward()
 
     return after_backward
-
-
-def _grad(p: torch.nn.Parameter) -> torch.Tensor:
-    if p.grad is None:  # a parameter no micro-batch reached: its gradient is zero, and collectives need a tensor
-        p.grad = torch.zeros_like(p)
-    return p.grad
 
 
 def _bytes(tensors) -> int:

@@ -68,12 +68,9 @@ def replicated_mean_gradients(params: Sequence[nn.Parameter], dp_group, experts:
                                ) -> list[torch.Tensor]:
     """Copies of the full ``.grad`` of every parameter, averaged over ``dp_group`` (not yet reduced: ZeRO-0/1);
     routed-expert gradients summed over their expert-data-parallel group instead, with the same 1/dp."""
-    from raymoe.parallel.groups import all_reduce_sum
+    from raymoe.parallel.groups import all_reduce_sum, grad_or_zeros
 
-    for p in params:
-        if p.grad is None:  # a parameter no micro-batch reached: its gradient is zero
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad.detach().clone() for p in params]
+    grads = [grad_or_zeros(p).detach().clone() for p in params]
     is_expert = [experts is not None and experts.holds(p) for p in params]
     all_reduce_sum([g for g, e in zip(grads, is_expert) if not e], dp_group)
     if experts is not None:

@@ -11,6 +11,7 @@ from torch import nn
 from raymoe.checkpoint.reshard import adamw_shard_state, load_adamw_param_states, load_adamw_shard_state
 from raymoe.config import OptimConfig
 from raymoe.fp8 import optimizer_state_bytes
+from raymoe.parallel.groups import grad_or_zeros
 from raymoe.train.clip import clip_coefficient, squared_norm
 from raymoe.train.optim import make_adamw, set_lr
 from raymoe.zero.common import ExpertSplit
@@ -71,9 +72,8 @@ class ExpertPart:
     def reduce(self) -> None:
         """Sum over the expert-data-parallel group and scale by 1/dp (ZeRO divides by edp itself: pre-scale by
         edp / dp = 1 / ep)."""
-        for p in self.params:
-            if p.grad is None:  # an idle expert: a zero gradient keeps every replica's optimizer in step
-                p.grad = torch.zeros_like(p)
+        for p in self.params:  # an idle expert: a zero gradient keeps every replica's optimizer in step
+            grad_or_zeros(p)
         if self.zero is None:
             for p in self.params:
                 p.grad.div_(self.experts.dp_size)

@@ -56,14 +56,13 @@ class LocalAdamW:
         return replicated_mean_gradients(params, self.dp_group, self.experts)
 
     def step(self, lr: float) -> float:
-        from raymoe.parallel.groups import all_reduce_sum
+        from raymoe.parallel.groups import all_reduce_sum, grad_or_zeros
 
         self._grad_bytes = held_grad_bytes(self.params)
         experts = self.experts
         if experts is not None:  # idle experts still take part in the reductions: a zero gradient, not None
             for p in experts.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+                grad_or_zeros(p)
         grads = [p.grad for p in self.params if p.grad is not None]
         if self.dp_group is not None:
             is_expert = [experts is not None and experts.holds(p) for p in self.params if p.grad is not None]
