@@ -212,7 +212,8 @@ class Executor:
         if not self._deferring and any(a.kind is Kind.I for a in actions):
             defer_weight_grads(self.stage, self.weight_grads)
             self._deferring = True
-        self.weight_grads.plan(actions, self.placement)  # only forwards an I splits take the deferring path
+        if self._deferring:  # only the forwards an I splits take the deferring path
+            self.weight_grads.plan(actions, self.placement)
         batch: list[Action] = []
         for action in actions:
             if action.is_comm:

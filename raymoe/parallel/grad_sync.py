@@ -105,18 +105,18 @@ class MirrorGradSync:
         if len(units) > len(lanes):
             raise ValueError(f"{len(units)} gradient units ({sorted(map(sorted, units))}) but {len(lanes)} lanes")
         self.num_passes, last_pass = final_passes(actions, placement)
-        self._units = []  # (final pass index, lane, buckets of parameters), in lane order
+        self._units = []  # (its chunks, final pass index, lane, buckets of parameters), in lane order
         for lane, chunks in enumerate(sorted(units, key=sorted)):
             missing = sorted(chunks - set(last_pass))
             if missing:
                 raise ValueError(f"chunks {missing} have no backward pass in this rank's action list")
             params = [named[n] for n in units[chunks]]
-            self._units.append((max(last_pass[c] for c in chunks), lanes[lane], _buckets(params, bucket_bytes)))
+            self._units.append((tuple(sorted(chunks)), max(last_pass[c] for c in chunks), lanes[lane],
+                                _buckets(params, bucket_bytes)))
         self._passes = 0
         self._pending: list[tuple[dist.Work | None, torch.Tensor, list[torch.nn.Parameter]]] = []
         self.issued_after: list[tuple[tuple[int, ...], int]] = []
         """This step's (unit's chunks, backward passes done when its sums started), for tests and benchmarks."""
-        self._chunks = [tuple(sorted(c)) for c in sorted(units, key=sorted)]
 
     def begin_step(self) -> None:
         self._passes = 0
@@ -127,9 +127,9 @@ class MirrorGradSync:
         """The executor finished one backward pass: start the sums of the units it made final."""
         done = self._passes
         self._passes += 1
-        for i, (final, _, _) in enumerate(self._units):
+        for chunks, final, lane, buckets in self._units:
             if final == done:
-                self._issue(i)
+                self._issue(chunks, lane, buckets)
 
     def finish(self) -> None:
         """Wait for every sum and write it back into ``.grad`` (before the optimizer reads them)."""
@@ -145,9 +145,8 @@ class MirrorGradSync:
                 offset += p.numel()
         self._pending.clear()
 
-    def _issue(self, unit: int) -> None:
-        self.issued_after.append((self._chunks[unit], self._passes))
-        _, lane, buckets = self._units[unit]
+    def _issue(self, chunks: tuple[int, ...], lane, buckets: list[list[torch.nn.Parameter]]) -> None:
+        self.issued_after.append((chunks, self._passes))
         for params in buckets:
             flat = torch.cat([grad_or_zeros(p).reshape(-1) for p in params])
             work = dist.all_reduce(flat, group=lane, async_op=True) if lane is not None else None

@@ -323,7 +323,7 @@ class Driver(DriverCheckpoints, TracksProgress):
 def dispatch_metrics(results: list[StepResult], topology: Topology) -> dict:
     """The step's expert all-to-all, summed over workers: bytes sent (naive one-copy-per-expert, deduplicated,
     measured same-node / cross-node), the slowest rank's seconds in it (issue to result) and waiting for it
-(exposed: all of it unless ``schedule.overlap_a2a`` hid some), and the rows each ep rank received."""
+    (exposed: all of it unless ``schedule.overlap_a2a`` hid some), and the rows each ep rank received."""
     total = {k: sum(r.dispatch.get(k, 0) for r in results) for k in
              ("naive_bytes", "dedup_bytes", "measured_same_node_bytes", "measured_cross_node_bytes")}
     received = [r.dispatch.get("rows_received", 0) for r in results]
