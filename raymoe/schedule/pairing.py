@@ -42,12 +42,10 @@ def pair_consecutive(actions: list[Action]) -> list[Action]:
 
 def paired_schedule(name: str, pp: int, num_microbatches: int):
     """The named one-stage-per-rank schedule (``1f1b``, ``gpipe``) with its consecutive B/F neighbours paired;
-    checked like any list."""
-    from raymoe.schedule.build import _GENERATORS, schedule_from_actions, validate_inputs
-    from raymoe.schedule.placement import stage_placement
+    checked like any list (its communication derived anew for the pairs)."""
+    from raymoe.schedule.build import build_schedule, schedule_from_actions
 
-    name = validate_inputs(name, pp, num_microbatches)
-    compute = _GENERATORS[name](pp, num_microbatches)
-    paired = {r: pair_consecutive(list(acts)) for r, acts in compute.items()}
-    return schedule_from_actions(paired, placement=stage_placement(name, pp), name=f"{name}-paired",
+    plain = build_schedule(name, pp, num_microbatches)
+    paired = {r: pair_consecutive(list(plain.compute_actions(r))) for r in range(pp)}
+    return schedule_from_actions(paired, placement=plain.placement, name=f"{plain.name}-paired",
                                  num_microbatches=num_microbatches)
