@@ -48,8 +48,7 @@ def test_every_path_is_bitwise_nn_linear(path, autocast):
     two uses of one weight (main + MTP logits) are summed before they reach .grad, as autograd sums them."""
     store = WeightGradStore()
     if path != "function":
-        store.plan([], build_schedule("1f1b", 1, 2).placement)
-        store.defers_forward = path == "hook"
+        store.force(path == "hook")
     linear, deferred = _linear_pair(store)
     x = torch.randn(4, 8, 64)
     grad_a, grad_b = torch.randn(4, 8, 32), torch.randn(4, 8, 32)
@@ -73,8 +72,7 @@ def test_every_path_is_bitwise_nn_linear(path, autocast):
 
 def test_hooked_split_outside_a_capture_still_computes_the_weight_gradient():
     store = WeightGradStore()
-    store.plan([], build_schedule("1f1b", 1, 2).placement)
-    store.defers_forward = True
+    store.force(True)
     linear, deferred = _linear_pair(store)
     x = torch.randn(3, 64, requires_grad=True)
     linear(x).sum().backward()

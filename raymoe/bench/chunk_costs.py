@@ -38,14 +38,11 @@ def measure_chunks(config, num_chunks: int, stage_layers, tokens_BL: torch.Tenso
     from raymoe.model import build_model
     from raymoe.parallel.stage_plan import PipelineStage, plan_stages
     from raymoe.parallel.weight_grad import WeightGradStore, defer_weight_grads
-    from raymoe.schedule import build_schedule
 
     plan = plan_stages(config.model.num_layers, num_chunks, stage_layers)
     stage = PipelineStage(build_model(config), plan, range(num_chunks))
     store = WeightGradStore()
     defer_weight_grads(stage, store)
-    store.plan((), build_schedule("gpipe", 1, 1).placement)  # planned: the split takes the cheap hooked path
-    stage.forward_listener = None  # this function says itself which forwards defer
     x_BTD = torch.randn(tokens_BL.shape[0], config.data.seq_len, config.model.dim)
     grad_BTD = torch.randn_like(x_BTD) * 1e-3
     costs: dict[tuple[str, int], float] = {}
@@ -53,7 +50,7 @@ def measure_chunks(config, num_chunks: int, stage_layers, tokens_BL: torch.Tenso
         holder: dict = {}
 
         def forward(split: bool, chunk=chunk, holder=holder) -> None:
-            store.defers_forward = split
+            store.force(split)  # this function says itself which forwards defer (the cheap hooked path)
             x = None if chunk == 0 else x_BTD.clone().requires_grad_()
             out = stage.forward_chunk(chunk, x, tokens_BL, mtp_weight)
             pairs = [(out.objective, torch.ones(())), (out.hidden_BTD, grad_BTD)]

@@ -24,11 +24,9 @@ def deferred_linear_overhead(config, micro_BL: torch.Tensor, *, repeats: int, ga
                              mtp_weight: float = 0.3) -> dict:
     from raymoe.model import build_model
     from raymoe.parallel.weight_grad import WeightGradStore, defer_weight_grads
-    from raymoe.schedule import build_schedule
 
     plain = build_model(config)
     planned, unplanned = WeightGradStore(), WeightGradStore()
-    planned.plan((), build_schedule("gpipe", 1, 1).placement)
     deferred, old = build_model(config), build_model(config)
     defer_weight_grads(deferred, planned)
     defer_weight_grads(old, unplanned)
@@ -36,7 +34,7 @@ def deferred_linear_overhead(config, micro_BL: torch.Tensor, *, repeats: int, ga
     def step(model, store: WeightGradStore | None, split: bool) -> None:
         model.zero_grad(set_to_none=True)
         if store is planned:
-            store.defers_forward = split
+            store.force(split)
         loss = model(micro_BL, mtp_weight=mtp_weight).loss
         if split:
             with store.capture((0, 0)):

@@ -52,6 +52,7 @@ class WeightGradStore:
         self._capturing: tuple[int, int] | None = None
         self._split_forwards: dict[int, tuple[bool, ...]] | None = None  # None: no plan, every forward defers
         self._forwards_seen: dict[int, int] = {}
+        self._forced: bool | None = None
         self.defers_forward = True
         """Whether the chunk forward running now will be split by an I (read by ``DeferredLinear.forward``)."""
 
@@ -60,12 +61,20 @@ class WeightGradStore:
         path (see the module docstring)."""
         self._split_forwards = split_forwards(actions, placement)
         self._forwards_seen = {}
+        self._forced = None
         self.defers_forward = False
+
+    def force(self, split: bool) -> None:
+        """For tests and benchmarks: from now on every forward takes the split (hooked) path, or the plain one,
+        whatever forwards are announced, until the next ``plan``."""
+        self._split_forwards = {}
+        self._forced = split
+        self.defers_forward = split
 
     def begin_forward(self, chunk: int) -> None:
         """A forward of ``chunk`` starts (the stage's ``forward_listener``); forwards of a chunk come in the
         order of the planned action list."""
-        if self._split_forwards is None:
+        if self._split_forwards is None or self._forced is not None:
             return
         index = self._forwards_seen.get(chunk, 0)
         self._forwards_seen[chunk] = index + 1
