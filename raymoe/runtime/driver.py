@@ -10,8 +10,10 @@ cluster's capacity before any actor starts (``WorkerGroup.start``), so a bad lay
 offending values named.
 
 One step: the driver reads the global batch, splits it into dp shards (contiguous rows, as the data loader's
-dp split) and micro-batches, puts each micro-batch into the object store once, and makes one ``run_step`` call
-per worker with the refs its first/last stages need, the routing state and the learning rate. It then sums the
+dp split) and micro-batches, and makes one ``run_step`` call per worker carrying the micro-batches its first/last
+stages need (inline: a ``ray.put`` per micro-batch and the worker's ``ray.get`` cost ~8 ms a step for eight
+129-token rows, against ~1.5 ms inline; Ray moves arguments over 100 KiB through the object store by itself),
+the routing state and the learning rate. It then sums the
 workers' per-expert counts into the global load, applies the bias rule (``raymoe.routing.update_bias``; routing
 policy lives here, in one place) and writes the same per-step record as the single-process trainer.
 """
@@ -273,18 +275,16 @@ class Driver(DriverCheckpoints, TracksProgress):
         return {r: sorted(ms) for r, ms in needed.items()}
 
     def _run_workers(self, tokens_BL: torch.Tensor, *, lr: float, mtp_weight: float, capture: bool):
-        import ray
-
         topo, m = self.topology, self.config.schedule.num_microbatches
-        refs = {}
+        micro = {}
         for d, shard in enumerate(tokens_BL.chunk(topo.dp)):
-            for i, micro in enumerate(shard.chunk(m)):
-                refs[d, i] = ray.put(micro.contiguous())
+            for i, rows in enumerate(shard.chunk(m)):
+                micro[d, i] = rows.contiguous()
         args = []
         for rank in range(topo.world_size):
             c = topo.coord(rank)
             inputs = StepInputs(
-                step=self.step_index, microbatches={i: refs[c.dp_rank, i] for i in self._needed[c.pp_rank]},
+                step=self.step_index, microbatches={i: micro[c.dp_rank, i] for i in self._needed[c.pp_rank]},
                 bias_RE=self.routing_bias_RE, lr=lr, mtp_weight=mtp_weight, capture=capture,
             )
             args.append((self.key, inputs))

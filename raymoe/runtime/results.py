@@ -18,8 +18,8 @@ from raymoe.parallel.interleave import ExchangeTiming, PhaseTiming
 class StepInputs:
     step: int
     microbatches: dict[int, Any]
-    """Micro-batch index -> Ray object ref of its (B_micro, L) tokens; only those this rank's first and last
-    stages read (inputs at the first, labels at the last)."""
+    """Micro-batch index -> its (B_micro, L) tokens; only those this rank's first and last stages read (inputs
+    at the first, labels at the last)."""
     bias_RE: torch.Tensor
     """The routing state: every router's balancing bias, owned by the driver."""
     lr: float

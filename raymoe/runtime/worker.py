@@ -3,7 +3,7 @@
 A worker is created bare, joins torch.distributed (``bootstrap.py``), and then *loads* a layout: it builds the
 full model from the run seed, keeps the chunks its pipeline rank holds (``PipelineStage``), wraps their
 parameters in the ZeRO optimizer and builds the executor for its action list (shipped once, at load). Each
-``run_step`` is then one Ray call: fetch its micro-batches from the object store, write the routing state into
+``run_step`` is then one Ray call carrying its micro-batches: write the routing state into
 its gates, run its actions (activations and gradients go peer to peer), sum replicated gradients (tied
 embedding; DualPipe's mirror copies chunk by chunk while the backward work still runs, ``grad_sync.py``), step the
 optimizer, and return a ``StepResult``.
@@ -210,17 +210,13 @@ class Worker:
 
     # -- one step ----------------------------------------------------------------------------------------------
     def run_step(self, key: str, inputs: StepInputs) -> StepResult:
-        import ray
-
         start = time.perf_counter()
         layout = self.layouts[key]
         set_gate_biases(layout.stage.gates(), inputs.bias_RE)
         if layout.dispatcher is not None:
             layout.dispatcher.stats.reset()
             layout.dispatcher.take_exchange_log()  # drop what an aborted step may have left
-        indices = sorted(inputs.microbatches)
-        fetched = ray.get([inputs.microbatches[m] for m in indices])
-        tokens = {m: t.to(self.device) for m, t in zip(indices, fetched)}
+        tokens = {m: t.to(self.device) for m, t in sorted(inputs.microbatches.items())}
         if layout.mirror is not None:
             layout.mirror.begin_step()
         with compute_context(layout.config, self.device):
