@@ -49,6 +49,24 @@ def test_balance_moves_layers_away_from_a_heavy_head():
     assert even["best_stage_layers"] == [4, 4] and even["predicted_gain"] == 0
 
 
+def test_ideal_costs_add_up_to_the_reference_and_keep_their_proportions():
+    from raymoe.bench.pipeline_efficiency import _on_reference_footing
+
+    raw = {("F", 0): 1.0, ("B", 0): 2.0, ("I", 0): 1.5, ("W", 0): 0.5, ("F", 1): 3.0, ("B", 1): 6.0}
+    scaled, scale = _on_reference_footing(raw, 6.0)
+    assert scale == pytest.approx(0.5)
+    assert sum(v for (k, _), v in scaled.items() if k in "FB") == pytest.approx(6.0)
+    assert scaled["I", 0] == pytest.approx(0.75) and scaled["B", 1] / scaled["F", 1] == pytest.approx(2.0)
+
+
+def test_actions_are_priced_at_their_chunks_run_apart():
+    from raymoe.bench.pipeline_efficiency import _over_chunks_apart
+
+    apart = {("F", 0): 1.0, ("B", 0): 2.0, ("FB", 0): 3.0}
+    assert _over_chunks_apart({"F@0": [2.0, 2], "B@0": [4.0, 2]}, apart) == pytest.approx(1.0)
+    assert _over_chunks_apart({"FB@0": [6.6, 2]}, apart) == pytest.approx(1.1)
+
+
 def test_foreign_load_gate_reports_what_it_saw():
     assert foreign_load(0.05) >= 0.0
     seen = wait_for_quiet(float("inf"), window_s=0.05)
@@ -70,6 +88,15 @@ def test_quick_run_writes_every_part_of_the_measurement(tmp_path):
         assert set(s["gap_parts_s"]) == {"compute_excess", "optimizer_and_copy_sync", "waiting_on_receives",
                                          "driver_overhead"}
         assert s["compute_excess"] > 0 and s["foreign_cores"]["n"] == bench.QUICK_STEPS
+        assert 0 <= s["worker_kernel_share"] < 1 and s["worker_minor_faults_per_step"] >= 0
+        assert s["actions_over_chunks_apart"]["n"] == bench.QUICK_STEPS and s["actions_over_chunks_apart"]["min"] > 0
+    assert layout["standalone"]["whole_micro_s"] > 0
+    assert all(s["standalone_scale"] > 0 for s in layout["schedules"].values())
+    one = layout["single_worker"]
+    assert one["compute_excess"]["n"] == bench.QUICK_STEPS and one["compute_excess"]["median"] > 0
+    cases = data["contention"]["cases"]
+    assert set(cases) == {"here", "actor", "two_actors", "process", "two_processes"}
+    assert cases["here"]["ratio"] == 1.0 and all(c["s"] > 0 and c["user_s"] > 0 for c in cases.values())
     assert set(layout["standalone"]["balance"]) == set(bench.SCHEDULES)
     assert set(layout["deferred_linear"]["seconds"]) == {"nn_linear", "unsplit", "split", "function_unsplit",
                                                          "function_split"}

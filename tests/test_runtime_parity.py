@@ -178,6 +178,8 @@ def test_bf16_optimizer_states_through_deepspeed_zero(worker_groups):
         finally:
             driver.finish()
         results[bf16] = reports
+    for r in results[False][-1].results:  # every step says what the worker process used (getrusage)
+        assert set(r.cpu) == {"user_s", "sys_s", "minor_faults", "involuntary_switches"} and r.cpu["user_s"] > 0
     fp32_bytes = [r.optimizer_state_bytes for r in results[False][-1].results]
     bf16_bytes = [r.optimizer_state_bytes for r in results[True][-1].results]
     for full, half in zip(fp32_bytes, bf16_bytes):

@@ -33,8 +33,9 @@ def _timed(fn: Callable[[], object]) -> float:
 
 
 def measure_chunks(config, num_chunks: int, stage_layers, tokens_BL: torch.Tensor, *, mtp_weight: float,
-                   repeats: int = 5) -> dict[tuple[str, int], float]:
-    """(kind, chunk) -> median seconds of F, B, I and W of each chunk of the cut ``stage_layers`` (() = even)."""
+                   repeats: int = 5, between: Callable[[], object] | None = None) -> dict[tuple[str, int], float]:
+    """(kind, chunk) -> median seconds of F, B, I and W of each chunk of the cut ``stage_layers`` (() = even).
+    ``between`` runs before each repeat (the benchmark times a reference there, so both see the same machine)."""
     from raymoe.model import build_model
     from raymoe.parallel.stage_plan import PipelineStage, plan_stages
     from raymoe.parallel.weight_grad import WeightGradStore, defer_weight_grads
@@ -68,6 +69,8 @@ def measure_chunks(config, num_chunks: int, stage_layers, tokens_BL: torch.Tenso
         backward()  # warm-up
         samples = {kind: [] for kind in KINDS}
         for _ in range(repeats):
+            if between is not None:
+                between()
             samples["F"].append(_timed(lambda: forward(False)))
             samples["B"].append(_timed(backward))
             forward(True)

@@ -68,6 +68,10 @@ class StepResult:
     """Gradients held when the step began: the full .grad of every parameter, or ZeRO-2's ~1/dp partition."""
     peak_memory_bytes: int
     """Peak resident memory of the worker process (CPU) or peak allocated device memory (CUDA)."""
+    cpu: dict[str, float] = field(default_factory=dict)
+    """What the worker process (all its threads: compute, gloo, Ray's) used during ``run_step``
+    (``getrusage``): ``user_s``, ``sys_s`` (kernel: socket transfers, page faults), ``minor_faults``,
+    ``involuntary_switches`` (preempted)."""
     dispatch: dict = field(default_factory=dict)
     """Expert all-to-all of this step on this rank (``raymoe.parallel.dispatcher.DispatchStats``): bytes sent
     (naive / deduplicated / measured same-node and cross-node), seconds, rows received; zeros without EP."""

@@ -33,6 +33,7 @@ from raymoe.parallel.p2p import TorchTransport
 from raymoe.parallel.stage_plan import GradSync, PipelineStage, build_stage, grad_sync_plan, plan_stages
 from raymoe.parallel.topology import Topology
 from raymoe.runtime.bootstrap import worker_init_process_group, worker_open_store
+from raymoe.runtime.host_memory import keep_freed_memory
 from raymoe.runtime.results import LoadInfo, StepInputs, StepResult
 from raymoe.schedule import Action, Placement
 
@@ -52,6 +53,7 @@ class _Layout:
 class Worker:
     def __init__(self, rank: int, topology: Topology, *, device: str = "cpu", num_threads: int = 1) -> None:
         torch.set_num_threads(num_threads)  # one core per actor; more threads only oversubscribe
+        keep_freed_memory()  # the same buffers every step: do not fault them back in each time (host_memory.py)
         self.rank = rank
         self.topology = topology
         self.coord = topology.coord(rank)
@@ -211,6 +213,7 @@ class Worker:
     # -- one step ----------------------------------------------------------------------------------------------
     def run_step(self, key: str, inputs: StepInputs) -> StepResult:
         start = time.perf_counter()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         layout = self.layouts[key]
         set_gate_biases(layout.stage.gates(), inputs.bias_RE)
         if layout.dispatcher is not None:
@@ -244,6 +247,7 @@ class Worker:
             peak_live_activations=outcome.peak_live_activations, param_bytes=_bytes(named.values()),
             optimizer_state_bytes=memory.state_bytes, optimizer_master_bytes=memory.master_bytes,
             optimizer_grad_bytes=memory.grad_bytes, peak_memory_bytes=self._peak_memory(),
+            cpu=_cpu_used(usage, resource.getrusage(resource.RUSAGE_SELF)),
             dispatch=(layout.dispatcher.stats if layout.dispatcher is not None else DispatchStats()).as_dict(),
             phases=tuple(outcome.phases), exchanges=self._exchanges(layout, outcome.origin_s),
             **captured,
@@ -296,6 +300,12 @@ def _after_backward(optimizer, mirror: MirrorGradSync | None):
         mirror.after_backward()
 
     return after_backward
+
+
+def _cpu_used(before, after) -> dict[str, float]:
+    return {"user_s": after.ru_utime - before.ru_utime, "sys_s": after.ru_stime - before.ru_stime,
+            "minor_faults": float(after.ru_minflt - before.ru_minflt),
+            "involuntary_switches": float(after.ru_nivcsw - before.ru_nivcsw)}
 
 
 def _bytes(tensors) -> int:
