@@ -94,27 +94,25 @@ class _Processes:
 def measure(preset: str, overrides: list[str], tokens_BL: torch.Tensor, *, mtp_weight: float, rounds: int,
             iterations: int, gate: Callable[[], object]) -> dict:
     """Run inside a Ray session with two free CPUs; see the module docstring."""
-    import ray
+    from raymoe.runtime.actors import Actors
 
     args = (preset, overrides, tokens_BL, mtp_weight)
     here = ForwardBackward(*args)
-    remote = ray.remote(num_cpus=1)(ForwardBackward)
-    actors = [remote.remote(*args) for _ in range(2)]
+    actors = Actors(ForwardBackward, 2, *args, num_cpus=1.0)
     processes = _Processes(2, args)
     samples: dict[str, list[dict]] = {case: [] for case in CASES}
     try:
-        ray.get([a.run.remote(1) for a in actors])
+        actors.call("run", 1)
         for _ in range(rounds):
             gate()
             samples["here"].append(here.run(iterations))
-            samples["actor"].append(ray.get(actors[0].run.remote(iterations)))
-            samples["two_actors"] += ray.get([a.run.remote(iterations) for a in actors])
+            samples["actor"] += actors.call("run", iterations, count=1)
+            samples["two_actors"] += actors.call("run", iterations)
             samples["process"] += processes.run(iterations, 1)
             samples["two_processes"] += processes.run(iterations, 2)
     finally:
         processes.close()
-        for actor in actors:
-            ray.kill(actor)
+        actors.close()
     base = statistics.median(x["s"] for x in samples["here"])
     cases = {}
     for case, values in samples.items():
