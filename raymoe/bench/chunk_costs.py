@@ -35,7 +35,8 @@ def _timed(fn: Callable[[], object]) -> float:
 def measure_chunks(config, num_chunks: int, stage_layers, tokens_BL: torch.Tensor, *, mtp_weight: float,
                    repeats: int = 5, between: Callable[[], object] | None = None) -> dict[tuple[str, int], float]:
     """(kind, chunk) -> median seconds of F, B, I and W of each chunk of the cut ``stage_layers`` (() = even).
-    ``between`` runs before each repeat (the benchmark times a reference there, so both see the same machine)."""
+    ``between`` runs before each repeat: the benchmark runs a whole-model pass there, so that each chunk is timed
+    with what a pipeline leaves in the caches (other chunks ran in between), not with its own previous repeat."""
     from raymoe.model import build_model
     from raymoe.parallel.stage_plan import PipelineStage, plan_stages
     from raymoe.parallel.weight_grad import WeightGradStore, defer_weight_grads
