@@ -11,11 +11,11 @@ offending values named.
 
 One step: the driver reads the global batch, splits it into dp shards (contiguous rows, as the data loader's
 dp split) and micro-batches, and makes one ``run_step`` call per worker carrying the micro-batches its first/last
-stages need (inline: a ``ray.put`` per micro-batch and the worker's ``ray.get`` cost ~8 ms a step for eight
-129-token rows, against ~1.5 ms inline; Ray moves arguments over 100 KiB through the object store by itself),
-the routing state and the learning rate. It then sums the
-workers' per-expert counts into the global load, applies the bias rule (``raymoe.routing.update_bias``; routing
-policy lives here, in one place) and writes the same per-step record as the single-process trainer.
+stages need, the routing state and the learning rate. The tokens go inline: a ``ray.put`` per micro-batch plus
+the worker's ``ray.get`` cost ~10 ms a step for eight 129-token rows, as arguments ~1.5 ms; Ray moves arguments
+over 100 KiB through the object store by itself. It then sums the workers' per-expert counts into the global
+load, applies the bias rule (``raymoe.routing.update_bias``; routing policy lives here, in one place) and writes
+the same per-step record as the single-process trainer.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ large blocks back to the kernel (``munmap`` above the mmap threshold, heap trimm
 so the next step faults the same pages in again, zero-filled by the kernel: measured at pp=2 (DualPipeV, small
 preset, M=8) 1,300-1,900 minor faults and 0.025-0.029 s of kernel time per step over the two workers, against
 2-16 faults and 0.020-0.024 s with the thresholds below. The step time did not change measurably (the paired
-compute ratio to the single-process trainer was 1.13-1.19 before, 1.19 after, within this machine's noise).
+compute ratio to the single-process trainer was 1.13-1.19 without, 1.12-1.20 with, within this machine's noise).
 PyTorch's CPU-training advice reaches for jemalloc or tcmalloc for the same reason; this needs no extra library.
 Up to ``TRIM_THRESHOLD`` bytes of freed heap stay with the process.
 """
