@@ -63,8 +63,8 @@ def test_actions_are_priced_at_their_chunks_run_apart():
     from raymoe.bench.pipeline_efficiency import _over_chunks_apart
 
     apart = {("F", 0): 1.0, ("B", 0): 2.0, ("FB", 0): 3.0}
-    assert _over_chunks_apart({"F@0": [2.0, 2], "B@0": [4.0, 2]}, apart) == pytest.approx(1.0)
-    assert _over_chunks_apart({"FB@0": [6.6, 2]}, apart) == pytest.approx(1.1)
+    assert _over_chunks_apart({("F", 0): [2.0, 2], ("B", 0): [4.0, 2]}, apart) == pytest.approx(1.0)
+    assert _over_chunks_apart({("FB", 0): [6.6, 2]}, apart) == pytest.approx(1.1)
 
 
 def test_foreign_load_gate_reports_what_it_saw():

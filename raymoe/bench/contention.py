@@ -31,14 +31,14 @@ CASES = ("here", "actor", "two_actors", "process", "two_processes")
 
 
 class ForwardBackward:
-    """The fixed piece of work, rebuilt identically in every process (same config, seed and tokens)."""
+    """The fixed piece of work, rebuilt identically in every process (same config and tokens; ``build_model``
+    seeds the weights from the config's run seed)."""
 
     def __init__(self, preset: str, overrides: list[str], tokens_BL: torch.Tensor, mtp_weight: float) -> None:
         from raymoe.config import load_config
         from raymoe.model import build_model
 
         torch.set_num_threads(1)  # like a pipeline worker
-        torch.manual_seed(0)
         self.model = build_model(load_config(preset, overrides))
         self.tokens_BL = tokens_BL
         self.mtp_weight = mtp_weight

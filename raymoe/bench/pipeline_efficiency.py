@@ -39,6 +39,7 @@ from raymoe.bench import chunk_costs, contention
 from raymoe.bench.deferred_overhead import deferred_linear_overhead
 from raymoe.bench.load import machine_load, spread, wait_for_quiet
 from raymoe.bench.results import write_results
+from raymoe.report.timings import COMPUTE_KINDS
 
 PRESET = "small"
 NUM_LAYERS = 8
@@ -85,25 +86,24 @@ class Gate:
         return seen
 
 
-def standalone(microbatches: int, tokens_BL: torch.Tensor, gate: Gate, repeats: int, model) -> dict:
+def standalone(microbatches: int, tokens_BL: torch.Tensor, gate: Gate, repeats: int) -> dict:
     """Per-chunk costs of each schedule's cut, per-layer costs, and the simulator's stage balance.
 
-    Before each repeat the whole model runs a forward+backward on the same micro-batch (``model``, timed as
-    ``whole_micro_s``): timed back to back, a chunk's weights stay in its core's cache from one repeat to the next,
-    which a pipeline chunk never sees (per-layer costs summed to 0.80 of the whole model that way).
+    Before each repeat the whole model runs a forward+backward on the same micro-batch
+    (``contention.ForwardBackward``, timed as ``whole_micro_s``): timed back to back, a chunk's weights stay in
+    its core's cache from one repeat to the next, which a pipeline chunk never sees (per-layer costs summed to
+    0.80 of the whole model that way).
     """
     from raymoe.schedule import build_schedule
 
     config = config_for("1f1b", microbatches, 1)
     micro_BL = tokens_BL[:1]
+    whole_pass = contention.ForwardBackward(PRESET, overrides_for("1f1b", microbatches, 1), micro_BL,
+                                            MTP_WEIGHT_STANDALONE)
     whole: list[float] = []
 
     def whole_model() -> None:
-        model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        model(micro_BL, mtp_weight=MTP_WEIGHT_STANDALONE).loss.backward()
-        whole.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
+        whole.append(whole_pass.run(1)["s"])
 
     def measure(num_chunks: int) -> dict:
         gate()
@@ -144,7 +144,7 @@ def measure(microbatches: int, steps: int, warmup: int, quick: bool) -> dict:
     reference = ReferenceTrainer(config_for("1f1b", microbatches, steps + warmup))
     total_params = sum(p.numel() for p in reference.model.parameters())
     first = reference.batches.next_batch()
-    alone = standalone(microbatches, first, gate, repeats=2 if quick else 5, model=reference.model)
+    alone = standalone(microbatches, first, gate, repeats=2 if quick else 5)
     gate()
     overhead = deferred_linear_overhead(reference.config, first[:1], repeats=2 if quick else 7, gate=gate)
     chosen = variants(alone["balance"])
@@ -180,11 +180,8 @@ def measure(microbatches: int, steps: int, warmup: int, quick: bool) -> dict:
     ref_opt_s = statistics.median(x["opt_s"] for x in ref_fb)
     schedules = {}
     for label, name, layers in chosen:
-        raw_chunk = _cut_costs(alone, name, layers, microbatches)
-        per_chunk, scale = _on_reference_footing(raw_chunk, ref_fb_s / microbatches)
-        schedules[label] = summarize(name, layers, samples[label], ref_fb_s, ref_opt_s, per_chunk, microbatches,
-                                     params[label], raw_chunk)
-        schedules[label]["standalone_scale"] = scale
+        schedules[label] = summarize(name, layers, samples[label], ref_fb_s, ref_opt_s,
+                                     _cut_costs(alone, name, layers, microbatches), microbatches, params[label])
     return {"microbatches": microbatches, "steps": steps, "warmup": warmup,
             "ref_fb_s": spread([x["s"] for x in ref_fb]),
             "ref_optimizer_s": spread([x["opt_s"] for x in ref_fb]), "standalone": _jsonable(alone),
@@ -245,11 +242,11 @@ def _reference_phases(reference, batch: torch.Tensor, microbatches: int) -> tupl
 
 def _sample(report, ref_s: float, timeline, foreign: float, placement) -> dict:
     results = report.results
-    actions: dict[str, list[float]] = {}  # "kind@chunk" (an FB by its forward's chunk) -> [seconds, count]
+    actions: dict[tuple[str, int], list] = {}  # (kind, chunk; an FB by its forward's) -> [seconds, count]
     for r in results:
         for t in r.timings:
-            if t.kind in chunk_costs.KINDS or t.kind == "FB":
-                entry = actions.setdefault(f"{t.kind}@{placement.info(t.stage).chunk}", [0.0, 0])
+            if t.kind in COMPUTE_KINDS:
+                entry = actions.setdefault((t.kind, placement.info(t.stage).chunk), [0.0, 0])
                 entry[0] += t.end_s - t.start_s
                 entry[1] += 1
     return {
@@ -285,8 +282,9 @@ def _cut_costs(alone: dict, schedule: str, layers: tuple[int, ...], microbatches
     return chunk_costs.chunk_costs_from_layers(alone["layers"], layers)
 
 
-def summarize(schedule: str, layers, samples: list[dict], ref_fb_s: float, ref_opt: float, per_chunk: dict,
-              microbatches: int, param_share: float, raw_chunk: dict) -> dict:
+def summarize(schedule: str, layers, samples: list[dict], ref_fb_s: float, ref_opt: float, raw_chunk: dict,
+              microbatches: int, param_share: float) -> dict:
+    """``raw_chunk``: the cut's standalone costs as measured (``_cut_costs``)."""
     from raymoe.schedule import build_schedule
 
     def med(key: str) -> float:
@@ -294,6 +292,7 @@ def summarize(schedule: str, layers, samples: list[dict], ref_fb_s: float, ref_o
 
     step, ref_step = med("step_s"), med("ref_step_s")
     built = build_schedule(schedule, PP, microbatches)
+    per_chunk, scale = _on_reference_footing(raw_chunk, ref_fb_s / microbatches)
     makespan = chunk_costs.ideal_makespan(built, per_chunk)
     apart = chunk_costs.schedule_costs(built, raw_chunk).per_chunk  # the chunks run apart, as measured (FB = F + B)
     over_apart = [_over_chunks_apart(s["actions"], apart) for s in samples]
@@ -311,6 +310,7 @@ def summarize(schedule: str, layers, samples: list[dict], ref_fb_s: float, ref_o
         "ratio": step / ref_step, "per_step_ratio": spread([s["ratio"] for s in samples]),
         "per_step_ratios": [s["ratio"] for s in samples],
         "ideal_makespan_s": makespan, "ideal_step_s": ideal_step, "ideal_ratio": ideal_step / ref_step,
+        "standalone_scale": scale,
         "step_over_ideal": step / ideal_step,
         "makespan_s": spread([s["makespan_s"] for s in samples]),
         "compute_sum_s": med("compute_sum_s"), "compute_excess": med("compute_sum_s") / ref_fb_s,
@@ -328,13 +328,10 @@ def summarize(schedule: str, layers, samples: list[dict], ref_fb_s: float, ref_o
     }
 
 
-def _over_chunks_apart(actions: dict[str, list[float]], apart: dict[tuple[str, int], float]) -> float:
-    """One step's compute actions (``_sample``'s "kind@chunk" -> [seconds, count]) over what the same actions
+def _over_chunks_apart(actions: dict[tuple[str, int], list], apart: dict[tuple[str, int], float]) -> float:
+    """One step's compute actions (``_sample``'s (kind, chunk) -> [seconds, count]) over what the same actions
     cost as the chunks measured apart: 1 when the runtime adds nothing to the arithmetic of its chunks."""
-    expected = 0.0
-    for key, (_, count) in actions.items():
-        kind, _, chunk = key.partition("@")
-        expected += count * apart[kind, int(chunk)]
+    expected = sum(count * apart[key] for key, (_, count) in actions.items())
     return sum(seconds for seconds, _ in actions.values()) / expected
 
 
