@@ -3,6 +3,8 @@ process (``raymoe.bench.contention``); only ``raymoe.runtime`` imports Ray."""
 
 from __future__ import annotations
 
+from raymoe.runtime.calls import gather
+
 
 class Actors:
     """``count`` actors of ``cls`` built with ``args``, ``num_cpus`` each (the local Ray must have room)."""
@@ -14,11 +16,10 @@ class Actors:
         self.handles = [remote.remote(*args) for _ in range(count)]
 
     def call(self, method: str, *args, count: int | None = None) -> list:
-        """``method(*args)`` on the first ``count`` actors (all by default) at once; their results in order."""
-        import ray
-
+        """``method(*args)`` on the first ``count`` actors (all by default) at once; their results in order (the
+        first failure raised as soon as it happens, ``calls.gather``)."""
         handles = self.handles if count is None else self.handles[:count]
-        return ray.get([getattr(h, method).remote(*args) for h in handles])
+        return gather([getattr(h, method).remote(*args) for h in handles])
 
     def close(self) -> None:
         import ray
