@@ -82,6 +82,10 @@ def test_quick_run_writes_every_part_of_the_measurement(tmp_path):
     assert (tmp_path / "pipeline_efficiency.md").read_text().startswith("| schedule |")
     (layout,) = data["layouts"]
     assert set(bench.SCHEDULES) <= set(layout["schedules"])
+    order = data["order"]
+    assert set(order["in_turn"]) == {"2 chunks", "4 chunks"} and set(order["serial"]) == set(bench.SCHEDULES)
+    assert all(v["n"] == 1 and v["median"] > 0 for part in ("in_turn", "serial") for v in order[part].values())
+    assert "one action at a time" in data["markdown"]
     for s in layout["schedules"].values():
         assert len(s["per_step_ratios"]) == bench.QUICK_STEPS
         assert set(s["step_s"]) == {"min", "median", "max", "n"} and s["ratio"] > 0 and s["ideal_ratio"] > 0

@@ -135,3 +135,50 @@ def best_stage_layers(schedule: Schedule, per_layer: dict[tuple[str, int], float
     best = ranked[0]
     return {"best_stage_layers": list(best[1]), "best_makespan_s": best[0], "even_stage_layers": list(even[1]),
             "even_makespan_s": even[0], "predicted_gain": 1.0 - best[0] / even[0], "candidates": len(ranked)}
+
+
+def in_turn_over_whole(config, num_chunks: int, microbatches_BL: list[torch.Tensor], *, mtp_weight: float,
+                       rounds: int, before: Callable[[], object] | None = None) -> list[float]:
+    """Per round: the model cut into ``num_chunks`` chunks, run in one process on every micro-batch in turn (its
+    chunks' forwards, then their backwards, activations handed on detached as between ranks), over the whole model
+    on the same micro-batches, timed right before or after it (the order alternates by round). The same weights
+    serve both, so this is what cutting alone costs with warm caches: ``measure_chunks`` times each chunk cold."""
+    from raymoe.model import build_model
+    from raymoe.parallel.stage_plan import PipelineStage, plan_stages
+
+    model = build_model(config)
+    stage = PipelineStage(model, plan_stages(config.model.num_layers, num_chunks, ()), range(num_chunks))
+    scale = 1.0 / len(microbatches_BL)
+
+    def whole() -> None:
+        model.zero_grad(set_to_none=True)
+        for tokens_BL in microbatches_BL:
+            (model(tokens_BL, mtp_weight=mtp_weight).loss * scale).backward()
+
+    def chunked() -> None:
+        model.zero_grad(set_to_none=True)
+        for tokens_BL in microbatches_BL:
+            saved, x = [], None
+            for chunk in range(num_chunks):
+                out = stage.forward_chunk(chunk, x, tokens_BL, mtp_weight)
+                saved.append((x, out))
+                x = None if out.hidden_BTD is None else out.hidden_BTD.detach().requires_grad_()
+            grad_BTD = None
+            for x_in, out in reversed(saved):
+                pairs = [(out.objective * scale, torch.ones(())), (out.hidden_BTD, grad_BTD)]
+                pairs = [(t, g) for t, g in pairs if t is not None and t.requires_grad]
+                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+                grad_BTD = None if x_in is None else x_in.grad
+
+    whole()
+    chunked()  # warm-up
+    ratios = []
+    for r in range(rounds):
+        if before is not None:
+            before()
+        times = {}
+        for name, fn in ((("whole", whole), ("chunked", chunked)) if r % 2 == 0 else
+                         (("chunked", chunked), ("whole", whole))):
+            times[name] = _timed(fn)
+        ratios.append(times["chunked"] / times["whole"])
+    return ratios

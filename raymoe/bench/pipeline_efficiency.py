@@ -55,6 +55,7 @@ BALANCE_MIN_GAIN = 0.01
 CONTENTION_ROUNDS = {False: 8, True: 1}
 CONTENTION_ITERATIONS = {False: 5, True: 2}
 MTP_WEIGHT_STANDALONE = 0.3
+ORDER_ROUNDS = {False: 6, True: 1}
 
 
 def config_for(schedule: str, microbatches: int, steps: int, stage_layers=(), pp: int = PP):
@@ -355,6 +356,31 @@ def contention_alone(quick: bool) -> dict:
                               gate=Gate(quick))
 
 
+def order_alone(quick: bool, m: int) -> dict:
+    """What the pipeline's compute costs before any runtime, in this process, one thread, on the first layout's
+    ``m`` micro-batches (each ratio per round over the whole model on the same micro-batches, timed next to it):
+
+    * ``in_turn``: the model cut into 2 and 4 chunks, each micro-batch's chunks one after the other
+      (``chunk_costs.in_turn_over_whole``): what cutting alone costs, caches warm;
+    * ``serial``: every schedule's real action lists, one action at a time (``schedule_order``): cutting plus
+      the schedule's order."""
+    from raymoe.bench import schedule_order
+    from raymoe.train.batches import open_batches
+
+    gate, rounds = Gate(quick), ORDER_ROUNDS[quick]
+    batch = open_batches(config_for("1f1b", m, 1)).next_batch()
+    micro = list(batch.chunk(m))
+    out = {"microbatches": m, "rounds": rounds, "in_turn": {}, "serial": {}}
+    for num_chunks in (2, 4):
+        out["in_turn"][f"{num_chunks} chunks"] = spread(chunk_costs.in_turn_over_whole(
+            config_for("1f1b", m, 1), num_chunks, micro, mtp_weight=MTP_WEIGHT_STANDALONE, rounds=rounds,
+            before=gate))
+    for name in SCHEDULES:
+        out["serial"][name] = spread(schedule_order.compute_over_whole(
+            config_for(name, m, 1), batch, mtp_weight=MTP_WEIGHT_STANDALONE, rounds=rounds, before=gate))
+    return out
+
+
 def run(out_dir: Path, *, quick: bool = False) -> dict:
     from raymoe.bench.pipeline_efficiency_report import markdown
     from raymoe.runtime.session import ray_session
@@ -368,10 +394,11 @@ def run(out_dir: Path, *, quick: bool = False) -> dict:
             else:
                 layouts = [measure(m, STEPS, WARMUP, quick=False) for m in MICROBATCHES]
             processes = contention_alone(quick)
+            order = order_alone(quick, layouts[0]["microbatches"])
     finally:
         torch.set_num_threads(threads)
     results = {"preset": PRESET, "num_layers": NUM_LAYERS, "pp": PP, "quick": quick, "load_threshold": LOAD_THRESHOLD,
-               "machine": machine_load(), "layouts": layouts, "contention": processes}
+               "machine": machine_load(), "layouts": layouts, "contention": processes, "order": order}
     results["markdown"] = markdown(results)
     write_results(out_dir, "pipeline_efficiency", results)
     return {"markdown": results["markdown"], "layouts": [

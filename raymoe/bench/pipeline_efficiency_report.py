@@ -52,6 +52,9 @@ def compute_excess_lines(layout: dict, results: dict) -> list[str]:
              f"{_spread(one['compute_excess'], 2)} (min / med / max), kernel time "
              f"{100 * one['worker_kernel_share']:.1f}%, {one['worker_minor_faults_per_step']:.0f} minor faults "
              "per step."]
+    order = results.get("order")
+    if order and order["microbatches"] == layout["microbatches"]:
+        lines += order_lines(order)
     contention = results.get("contention")
     if contention:
         cases = contention["cases"]
@@ -59,6 +62,16 @@ def compute_excess_lines(layout: dict, results: dict) -> list[str]:
                      f"its time in this process ({cases['actor']['ratio']:.2f}x in one actor alone; plain processes: "
                      f"{cases['process']['ratio']:.2f}x alone, {cases['two_processes']['ratio']:.2f}x two at once).")
     return lines
+
+
+def order_lines(order: dict) -> list[str]:
+    """Before any runtime, in one process: cutting (warm), then the schedule's order."""
+    in_turn = ", ".join(f"{_spread(v, 2)} ({cut})" for cut, v in order["in_turn"].items())
+    serial = ", ".join(f"{_spread(v, 2)} ({name})" for name, v in order["serial"].items())
+    return [f"Before any runtime, one process, one thread, over the whole model on the same {order['microbatches']} "
+            f"micro-batches (min / med / max of {order['rounds']} paired rounds): the model cut into chunks, each "
+            f"micro-batch's chunks one after the other (caches warm): {in_turn}; every rank's action list run one "
+            f"action at a time in its schedule's order: {serial}."]
 
 
 def gap_table(layout: dict) -> list[str]:
