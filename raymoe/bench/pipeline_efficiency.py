@@ -19,7 +19,9 @@ seen is recorded. Per pipeline:
   minus the slowest worker's ``run_step``); what the workers spent in the kernel and their page faults;
 * where the compute excess starts from: the same micro-batches through one worker (pp=1, ``single_worker``),
   and the same forward+backward here, in Ray actors and in plain processes, alone and two at once
-  (``raymoe.bench.contention``).
+  (``raymoe.bench.contention``);
+  and what it costs before any runtime (``order_alone``): the model cut into chunks run in turn, and every
+  rank's action list run one action at a time in this process (``raymoe.bench.schedule_order``).
 
 Also measured standalone (same gating): a whole-model forward+backward with ``nn.Linear`` vs ``DeferredLinear``
 on each of its paths (``raymoe.parallel.weight_grad``), and the stage balance the simulator picks from
