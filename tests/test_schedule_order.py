@@ -14,14 +14,6 @@ from raymoe.train import accumulate_gradients
 MTP_WEIGHT = 0.3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(schedule: str, microbatches: int = 4):
     return load_config("debug", ["model.num_layers=4", "parallel.pp=2", f"schedule.name={schedule}",
                                  f"schedule.num_microbatches={microbatches}", "data.seq_len=16",

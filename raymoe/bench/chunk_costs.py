@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from raymoe.bench.timing import paired_ratios
 from raymoe.schedule import Costs, Kind, Schedule, simulate
 
 KINDS = ("F", "B", "I", "W")
@@ -172,13 +173,4 @@ def in_turn_over_whole(config, num_chunks: int, microbatches_BL: list[torch.Tens
 
     whole()
     chunked()  # warm-up
-    ratios = []
-    for r in range(rounds):
-        if before is not None:
-            before()
-        times = {}
-        for name, fn in ((("whole", whole), ("chunked", chunked)) if r % 2 == 0 else
-                         (("chunked", chunked), ("whole", whole))):
-            times[name] = _timed(fn)
-        ratios.append(times["chunked"] / times["whole"])
-    return ratios
+    return paired_ratios(lambda: _timed(chunked), lambda: _timed(whole), rounds=rounds, before=before)

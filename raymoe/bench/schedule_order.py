@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from raymoe.bench.timing import paired_ratios
 from raymoe.parallel.p2p import InMemoryTransport, Mailbox, Transfer
 
 
@@ -123,13 +124,4 @@ def compute_over_whole(config, tokens_BL: torch.Tensor, *, mtp_weight: float, ro
 
     whole()
     serial()  # warm-up
-    ratios = []
-    for r in range(rounds):
-        if before is not None:
-            before()
-        if r % 2 == 0:
-            whole_s, serial_s = whole(), serial()
-        else:
-            serial_s, whole_s = serial(), whole()
-        ratios.append(serial_s / whole_s)
-    return ratios
+    return paired_ratios(serial, whole, rounds=rounds, before=before)

@@ -46,3 +46,20 @@ def tflops(flops: float, seconds: dict) -> dict:
         "median": flops / seconds["median"] / 1e12,
         "max": flops / seconds["min"] / 1e12,
     }
+
+
+def paired_ratios(measured: Callable[[], float], reference: Callable[[], float], *, rounds: int,
+                  before: Callable[[], object] | None = None) -> list[float]:
+    """Per round: ``measured() / reference()``, the two run next to each other, which first alternating by round
+    (a drift of the machine's speed touches both alike). Each callable returns the seconds it wants counted;
+    ``before`` runs at the start of every round (a load gate)."""
+    ratios = []
+    for r in range(rounds):
+        if before is not None:
+            before()
+        if r % 2 == 0:
+            reference_s, measured_s = reference(), measured()
+        else:
+            measured_s, reference_s = measured(), reference()
+        ratios.append(measured_s / reference_s)
+    return ratios
