@@ -7,15 +7,13 @@ after the embedding/mirror sums the runtime performs, are compared with ``accumu
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
 from raymoe.config import load_config
 from raymoe.model import build_model
 from raymoe.parallel.executor import Executor
-from raymoe.parallel.p2p import InMemoryTransport, Mailbox, transfer_tag
+from raymoe.parallel.p2p import InMemoryTransport, Mailbox, run_ranks_in_threads, transfer_tag
 from raymoe.parallel.stage_plan import PipelineStage, grad_sync_plan, plan_stages
 from raymoe.parallel.weight_grad import DeferredLinear
 from raymoe.schedule import Kind, build_schedule
@@ -55,31 +53,22 @@ def run_pipeline(config, tokens_BL: torch.Tensor):
     plan = plan_stages(config.model.num_layers, placement.num_chunks, config.parallel.stage_layers)
     micro = dict(enumerate(tokens_BL.chunk(m)))
     mailbox = Mailbox()
-    stages, outcomes, errors = {}, {}, []
+    stages = {}
     for r in range(pp):
         chunks = [placement.info(s).chunk for s in placement.stages_of(r)]
         stages[r] = PipelineStage(build_model(config), plan, chunks)
 
-    def work(r: int) -> None:
-        try:
-            model = build_model(config, device="meta")
-            executor = Executor(
-                stage=stages[r], placement=placement, pipeline_rank=r, global_rank_of=range(pp),
-                transport=InMemoryTransport(mailbox, r, timeout_s=30), num_microbatches=m,
-                activation_shape=(tokens_BL.shape[0] // m, config.data.seq_len, config.model.dim),
-                num_routers=model.num_routers(), num_experts=config.model.num_routed_experts,
-            )
-            outcomes[r] = executor.run(schedule.actions[r], micro, MTP_WEIGHT)
-        except BaseException as exc:  # surfaced in the main thread
-            errors.append(exc)
+    def work(r: int):
+        model = build_model(config, device="meta")
+        executor = Executor(
+            stage=stages[r], placement=placement, pipeline_rank=r, global_rank_of=range(pp),
+            transport=InMemoryTransport(mailbox, r, timeout_s=30), num_microbatches=m,
+            activation_shape=(tokens_BL.shape[0] // m, config.data.seq_len, config.model.dim),
+            num_routers=model.num_routers(), num_experts=config.model.num_routed_experts,
+        )
+        return executor.run(schedule.actions[r], micro, MTP_WEIGHT)
 
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(pp)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    outcomes = dict(enumerate(run_ranks_in_threads(work, pp)))
     _sync_gradients(config, schedule, stages)
     return stages, outcomes, schedule
 

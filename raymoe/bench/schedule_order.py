@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from raymoe.bench.timing import paired_ratios
-from raymoe.parallel.p2p import InMemoryTransport, Mailbox, Transfer
+from raymoe.parallel.p2p import InMemoryTransport, Mailbox, Transfer, run_ranks_in_threads
 
 
 class _BatonTransport(InMemoryTransport):
@@ -82,24 +82,13 @@ class SerialPipeline:
         micro = dict(enumerate(tokens_BL.chunk(self.schedule.num_microbatches)))
         for stage in self.stages:
             stage.zero_grad(set_to_none=True)
-        compute, errors = {}, []
 
-        def work(r: int) -> None:
+        def work(r: int) -> float:
             with self.baton:
-                try:
-                    outcome = self.executors[r].run(self.schedule.actions[r], micro, mtp_weight)
-                    compute[r] = sum(t.end_s - t.start_s for t in outcome.timings)
-                except BaseException as exc:  # surfaced in the calling thread
-                    errors.append(exc)
+                outcome = self.executors[r].run(self.schedule.actions[r], micro, mtp_weight)
+                return sum(t.end_s - t.start_s for t in outcome.timings)
 
-        threads = [threading.Thread(target=work, args=(r,)) for r in range(len(self.executors))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        return [compute[r] for r in sorted(compute)]
+        return run_ranks_in_threads(work, len(self.executors))
 
 
 def compute_over_whole(config, tokens_BL: torch.Tensor, *, mtp_weight: float, rounds: int,

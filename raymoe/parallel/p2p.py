@@ -13,7 +13,7 @@ mis-ordered pair fails to match instead of silently swapping two same-shaped ten
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -86,6 +86,30 @@ class Mailbox:
             if not self._cond.wait_for(lambda: self._messages.get((src, dst, tag)), timeout=timeout_s):
                 raise TimeoutError(f"rank {dst}: nothing from rank {src} with tag {tag} after {timeout_s} s")
             return self._messages[(src, dst, tag)].pop(0)
+
+
+def run_ranks_in_threads(work: Callable[[int], object], ranks: int) -> list:
+    """``work(r)`` for every rank ``r`` in a thread of its own (pipeline ranks as threads of one process, talking
+    through a ``Mailbox``); their results in rank order, or the first failure re-raised here once all have ended."""
+    import threading
+
+    results: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def run(r: int) -> None:
+        try:
+            results[r] = work(r)
+        except BaseException as exc:  # surfaced in the calling thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return [results[r] for r in range(ranks)]
 
 
 class InMemoryTransport:
