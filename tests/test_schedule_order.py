@@ -49,5 +49,5 @@ def test_ratios_come_one_per_round():
     config, tokens = _config("1f1b"), _tokens(_config("1f1b"))
     ratios = schedule_order.compute_over_whole(config, tokens, mtp_weight=MTP_WEIGHT, rounds=2)
     assert len(ratios) == 2 and all(r > 0 for r in ratios)
-    warm = chunk_costs.in_turn_over_whole(config, 2, list(tokens.chunk(4)), mtp_weight=MTP_WEIGHT, rounds=2)
+    warm = chunk_costs.in_turn_over_whole(config, 2, tokens, mtp_weight=MTP_WEIGHT, rounds=2)
     assert len(warm) == 2 and all(r > 0 for r in warm)

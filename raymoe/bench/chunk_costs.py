@@ -138,30 +138,36 @@ def best_stage_layers(schedule: Schedule, per_layer: dict[tuple[str, int], float
             "even_makespan_s": even[0], "predicted_gain": 1.0 - best[0] / even[0], "candidates": len(ranked)}
 
 
-def in_turn_over_whole(config, num_chunks: int, microbatches_BL: list[torch.Tensor], *, mtp_weight: float,
-                       rounds: int, before: Callable[[], object] | None = None) -> list[float]:
-    """Per round: the model cut into ``num_chunks`` chunks, run in one process on every micro-batch in turn (its
-    chunks' forwards, then their backwards, activations handed on detached as between ranks), over the whole model
-    on the same micro-batches, timed right before or after it (the order alternates by round). The same weights
-    serve both, so this is what cutting alone costs with warm caches: ``measure_chunks`` times each chunk cold."""
+def whole_model_pass(model, tokens_BL: torch.Tensor, num_microbatches: int, mtp_weight: float) -> float:
+    """Seconds of the single-process forward+backward of ``tokens_BL`` in ``num_microbatches`` micro-batches
+    (``accumulate_gradients``, as the reference trainer runs it), gradients cleared first and outside the time."""
+    from raymoe.train import accumulate_gradients
+
+    model.zero_grad(set_to_none=True)
+    return _timed(lambda: accumulate_gradients(model, tokens_BL, num_microbatches, mtp_weight))
+
+
+def in_turn_over_whole(config, num_chunks: int, tokens_BL: torch.Tensor, *, mtp_weight: float, rounds: int,
+                       before: Callable[[], object] | None = None) -> list[float]:
+    """Per round: the model cut into ``num_chunks`` chunks, run in one process on each of the config's micro-batches
+    of ``tokens_BL`` in turn (its chunks' forwards, then their backwards, activations handed on detached as between
+    ranks), over the whole model on the same micro-batches (``whole_model_pass``), timed right before or after it
+    (the order alternates by round). The same weights serve both, so this is what cutting alone costs with warm
+    caches: ``measure_chunks`` times each chunk cold."""
     from raymoe.model import build_model
     from raymoe.parallel.stage_plan import PipelineStage, plan_stages
 
     model = build_model(config)
     stage = PipelineStage(model, plan_stages(config.model.num_layers, num_chunks, ()), range(num_chunks))
-    scale = 1.0 / len(microbatches_BL)
-
-    def whole() -> None:
-        model.zero_grad(set_to_none=True)
-        for tokens_BL in microbatches_BL:
-            (model(tokens_BL, mtp_weight=mtp_weight).loss * scale).backward()
+    m = config.schedule.num_microbatches
+    scale = 1.0 / m
 
     def chunked() -> None:
         model.zero_grad(set_to_none=True)
-        for tokens_BL in microbatches_BL:
+        for micro_BL in tokens_BL.chunk(m):
             saved, x = [], None
             for chunk in range(num_chunks):
-                out = stage.forward_chunk(chunk, x, tokens_BL, mtp_weight)
+                out = stage.forward_chunk(chunk, x, micro_BL, mtp_weight)
                 saved.append((x, out))
                 x = None if out.hidden_BTD is None else out.hidden_BTD.detach().requires_grad_()
             grad_BTD = None
@@ -171,6 +177,9 @@ def in_turn_over_whole(config, num_chunks: int, microbatches_BL: list[torch.Tens
                 torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
                 grad_BTD = None if x_in is None else x_in.grad
 
+    def whole() -> float:
+        return whole_model_pass(model, tokens_BL, m, mtp_weight)
+
     whole()
     chunked()  # warm-up
-    return paired_ratios(lambda: _timed(chunked), lambda: _timed(whole), rounds=rounds, before=before)
+    return paired_ratios(lambda: _timed(chunked), whole, rounds=rounds, before=before)

@@ -228,19 +228,15 @@ def single_worker(reference, microbatches: int, steps: int, warmup: int, gate: G
 def _reference_phases(reference, batch: torch.Tensor, microbatches: int) -> tuple[float, float]:
     """The single-process step's two halves, timed apart: forward+backward of every micro-batch, then clipping
     and AdamW (an extra update of the reference's weights: harmless, only its timing is used)."""
-    from raymoe.train import accumulate_gradients
     from raymoe.train.clip import clip_gradients
 
-    cfg = reference.config
-    reference.optimizer.zero_grad(set_to_none=True)
+    fb_s = chunk_costs.whole_model_pass(reference.model, batch, microbatches, MTP_WEIGHT_STANDALONE)
     start = time.perf_counter()
-    accumulate_gradients(reference.model, batch, microbatches, MTP_WEIGHT_STANDALONE)
-    middle = time.perf_counter()
-    clip_gradients(reference.model.parameters(), cfg.optim.grad_clip)
+    clip_gradients(reference.model.parameters(), reference.config.optim.grad_clip)
     reference.optimizer.step()
-    end = time.perf_counter()
+    optimizer_s = time.perf_counter() - start
     reference.optimizer.zero_grad(set_to_none=True)
-    return middle - start, end - middle
+    return fb_s, optimizer_s
 
 
 def _sample(report, ref_s: float, timeline, foreign: float, placement) -> dict:
@@ -371,11 +367,10 @@ def order_alone(quick: bool, m: int) -> dict:
 
     gate, rounds = Gate(quick), ORDER_ROUNDS[quick]
     batch = open_batches(config_for("1f1b", m, 1)).next_batch()
-    micro = list(batch.chunk(m))
     out = {"microbatches": m, "rounds": rounds, "in_turn": {}, "serial": {}}
     for num_chunks in (2, 4):
         out["in_turn"][f"{num_chunks} chunks"] = spread(chunk_costs.in_turn_over_whole(
-            config_for("1f1b", m, 1), num_chunks, micro, mtp_weight=MTP_WEIGHT_STANDALONE, rounds=rounds,
+            config_for("1f1b", m, 1), num_chunks, batch, mtp_weight=MTP_WEIGHT_STANDALONE, rounds=rounds,
             before=gate))
     for name in SCHEDULES:
         out["serial"][name] = spread(schedule_order.compute_over_whole(

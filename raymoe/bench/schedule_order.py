@@ -17,7 +17,6 @@ micro-batches in this process, the order alternating by round.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -94,19 +93,16 @@ class SerialPipeline:
 def compute_over_whole(config, tokens_BL: torch.Tensor, *, mtp_weight: float, rounds: int,
                        before: Callable[[], object] | None = None) -> list[float]:
     """Per round: the serial pipeline's compute summed over ranks / the whole model's forward+backward on the same
-    micro-batches (``accumulate_gradients``, as the single-process trainer runs it), timed next to each other."""
+    micro-batches (``chunk_costs.whole_model_pass``, as the single-process trainer runs it), timed next to each
+    other."""
+    from raymoe.bench.chunk_costs import whole_model_pass
     from raymoe.model import build_model
-    from raymoe.train import accumulate_gradients
 
     pipeline = SerialPipeline(config)
     model = build_model(config)
-    m = config.schedule.num_microbatches
 
     def whole() -> float:
-        model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        accumulate_gradients(model, tokens_BL, m, mtp_weight)
-        return time.perf_counter() - start
+        return whole_model_pass(model, tokens_BL, config.schedule.num_microbatches, mtp_weight)
 
     def serial() -> float:
         return sum(pipeline.step(tokens_BL, mtp_weight))
